@@ -1,0 +1,136 @@
+"""H.264 access units to RTP payloads, RFC 6184 packetization-mode 1 (non-interleaved)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+NAL_SLICE = 1
+NAL_IDR = 5
+NAL_SEI = 6
+NAL_SPS = 7
+NAL_PPS = 8
+NAL_AUD = 9
+NAL_FILLER = 12
+NAL_STAP_A = 24
+NAL_FU_A = 28
+
+STAP_A_HEADER_SIZE = 1
+STAP_A_LENGTH_SIZE = 2
+FU_A_HEADER_SIZE = 2
+MIN_PAYLOAD_SIZE = FU_A_HEADER_SIZE + 1
+"""Smallest max_payload that still carries one NALU byte per FU-A fragment."""
+
+_DROPPED_TYPES = frozenset((NAL_AUD, NAL_FILLER))
+_F_BIT = 0x80
+_NRI_MASK = 0x60
+_TYPE_MASK = 0x1F
+_FU_START = 0x80
+_FU_END = 0x40
+
+
+def nal_type(nalu: bytes) -> int:
+    """The nal_unit_type (low 5 bits of the first byte)."""
+    return nalu[0] & _TYPE_MASK
+
+
+def has_idr(nalus: Sequence[bytes]) -> bool:
+    """True if the access unit contains an IDR slice."""
+    return any(nal_type(n) == NAL_IDR for n in nalus)
+
+
+def profile_level_id(sps: bytes) -> str:
+    """profile-level-id for SDP (RFC 6184 8.1): profile_idc, constraint flags, level_idc."""
+    if len(sps) < 4:
+        raise ValueError(f"SPS is {len(sps)} bytes, need at least 4 for profile-level-id")
+    return sps[1:4].hex()
+
+
+def with_parameter_sets(
+    nalus: Sequence[bytes], sps: Sequence[bytes], pps: Sequence[bytes]
+) -> list[bytes]:
+    """Put SPS/PPS in front of an IDR access unit that lacks them.
+
+    FLV carries parameter sets only in the sequence header, but a WebRTC decoder
+    joining at this keyframe needs them in-band. Non-IDR units are returned unchanged.
+    """
+    units = list(nalus)
+    if not has_idr(units):
+        return units
+    types = [nal_type(n) for n in units]
+    if NAL_PPS not in types:
+        # After the last SPS (if any), so the order stays SPS, PPS, slices.
+        at = max((i + 1 for i, t in enumerate(types) if t == NAL_SPS), default=0)
+        units[at:at] = pps
+    if NAL_SPS not in types:
+        units[0:0] = sps
+    return units
+
+
+def packetize(nalus: Sequence[bytes], max_payload: int) -> list[bytes]:
+    """RTP payloads for one access unit, in send order.
+
+    Consecutive NALUs that fit together go into one STAP-A (RFC 6184 5.7.1); a lone
+    small NALU is a single NAL unit packet (5.6); a NALU larger than max_payload is
+    split into FU-A fragments (5.8). AUD and filler data are dropped: they carry
+    nothing a WebRTC receiver needs.
+    """
+    if max_payload < MIN_PAYLOAD_SIZE:
+        raise ValueError(f"max_payload must be at least {MIN_PAYLOAD_SIZE}, not {max_payload}")
+    payloads: list[bytes] = []
+    group: list[bytes] = []
+    group_size = STAP_A_HEADER_SIZE
+
+    def flush() -> None:
+        nonlocal group_size
+        if len(group) == 1:
+            payloads.append(group[0])
+        elif group:
+            payloads.append(_stap_a(group))
+        group.clear()
+        group_size = STAP_A_HEADER_SIZE
+
+    for nalu in nalus:
+        if not nalu or nal_type(nalu) in _DROPPED_TYPES:
+            continue
+        if len(nalu) > max_payload:
+            flush()
+            payloads.extend(_fu_a(nalu, max_payload))
+            continue
+        entry = STAP_A_LENGTH_SIZE + len(nalu)
+        if group and group_size + entry > max_payload:
+            flush()
+        group.append(nalu)
+        group_size += entry
+    flush()
+    return payloads
+
+
+def _stap_a(nalus: Sequence[bytes]) -> bytes:
+    # RFC 6184 5.7.1: F is the OR of all F bits, NRI the maximum NRI.
+    f_bit = 0
+    nri = 0
+    for nalu in nalus:
+        f_bit |= nalu[0] & _F_BIT
+        nri = max(nri, nalu[0] & _NRI_MASK)
+    parts = [bytes((f_bit | nri | NAL_STAP_A,))]
+    for nalu in nalus:
+        parts.append(len(nalu).to_bytes(STAP_A_LENGTH_SIZE, "big"))
+        parts.append(nalu)
+    return b"".join(parts)
+
+
+def _fu_a(nalu: bytes, max_payload: int) -> list[bytes]:
+    # RFC 6184 5.8: FU indicator keeps F and NRI; FU header carries S/E and the type.
+    indicator = (nalu[0] & (_F_BIT | _NRI_MASK)) | NAL_FU_A
+    kind = nalu[0] & _TYPE_MASK
+    body = memoryview(nalu)[1:]
+    step = max_payload - FU_A_HEADER_SIZE
+    fragments: list[bytes] = []
+    for start in range(0, len(body), step):
+        header = kind
+        if start == 0:
+            header |= _FU_START
+        if start + step >= len(body):
+            header |= _FU_END
+        fragments.append(bytes((indicator, header)) + body[start : start + step])
+    return fragments
