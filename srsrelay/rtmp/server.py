@@ -1,0 +1,301 @@
+"""asyncio adapter: accepts RTMP publishers and feeds their media into the hub.
+
+One task per connection reads from the socket, feeds RtmpConnection and writes its
+replies. Every hub call is guarded: an exception closes that connection, not the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+
+import structlog
+
+from srsrelay.config import RtmpConfig
+from srsrelay.hub.registry import Hub, StreamBusy
+from srsrelay.hub.stream import Stream
+from srsrelay.rtmp.connection import (
+    ConnectionState,
+    Event,
+    MediaReceived,
+    MetadataReceived,
+    PlayRejected,
+    ProtocolError,
+    PublishEnded,
+    PublishRequested,
+    RtmpConnection,
+)
+
+log = structlog.get_logger(__name__)
+
+READ_SIZE = 64 * 1024
+"""Bytes read from a socket at once; also the StreamReader buffer limit."""
+MAX_CONNECTIONS = 1000
+"""Most simultaneous RTMP connections; more are closed right after accept."""
+
+
+class RtmpServer:
+    """Listens on rtmp.listen:rtmp.port and runs one session task per connection."""
+
+    def __init__(self, config: RtmpConfig, hub: Hub) -> None:
+        self._config = config
+        self._hub = hub
+        self._server: asyncio.Server | None = None
+        self._sessions: set[_Session] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (useful when rtmp.port is 0)."""
+        if self._server is None or not self._server.sockets:
+            raise RuntimeError("RTMP server is not started")
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def connection_count(self) -> int:
+        """Open RTMP connections."""
+        return len(self._sessions)
+
+    async def start(self) -> None:
+        """Start listening; raises OSError naming the address if it cannot bind."""
+        if self._server is not None:
+            raise RuntimeError("RTMP server already started")
+        host, port = self._config.listen, self._config.port
+        try:
+            self._server = await asyncio.start_server(self._on_client, host, port, limit=READ_SIZE)
+        except OSError as exc:
+            raise OSError(
+                exc.errno, f"cannot listen for RTMP on {host}:{port} (rtmp.listen/rtmp.port): {exc}"
+            ) from exc
+        log.info("rtmp listening", listen=host, port=self.port)
+
+    async def stop(self) -> None:
+        """Stop accepting, close every connection and wait for their tasks to end."""
+        server = self._server
+        if server is None:
+            return
+        server.close()
+        for session in list(self._sessions):
+            session.close("server stopping")
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await server.wait_closed()
+        self._server = None
+        log.info("rtmp stopped")
+
+    def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = _peer_name(writer)
+        if len(self._sessions) >= MAX_CONNECTIONS:
+            log.warning("rtmp connection refused", peer=peer, reason="too many connections")
+            writer.close()
+            return
+        session = _Session(self._config, self._hub, reader, writer, peer)
+        task = asyncio.create_task(session.run(), name=f"rtmp {peer}")
+        session.task = task
+        self._sessions.add(session)
+        self._tasks.add(task)
+
+        def done(finished: asyncio.Task[None]) -> None:
+            # A task cancelled before its first step never ran its own cleanup.
+            writer.close()
+            self._tasks.discard(finished)
+            self._sessions.discard(session)
+
+        task.add_done_callback(done)
+
+
+def _peer_name(writer: asyncio.StreamWriter) -> str:
+    peer = writer.get_extra_info("peername")
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer)
+
+
+class _Session:
+    """One client connection: socket I/O around an RtmpConnection."""
+
+    def __init__(
+        self,
+        config: RtmpConfig,
+        hub: Hub,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        peer: str,
+    ) -> None:
+        self._config = config
+        self._hub = hub
+        self._reader = reader
+        self._writer = writer
+        self.peer = peer
+        self.publisher_id = "pub-" + secrets.token_hex(4)
+        self.task: asyncio.Task[None] | None = None
+        self._conn = RtmpConnection(config)
+        self._stream: Stream | None = None
+        self._stream_key = ""
+        self._close_reason: str | None = None
+        """Set when we decide to close; the read loop stops at the next turn."""
+        self._cancelled_by_us = False
+
+    def close(self, reason: str) -> None:
+        """Close from outside the session task (kick, shutdown)."""
+        if self._close_reason is None:
+            self._close_reason = reason
+        if self.task is not None and not self.task.done() and self.task is not _current_task():
+            self._cancelled_by_us = True
+            self.task.cancel()
+
+    def kick(self, reason: str) -> None:
+        """Called by the hub when another publisher took over (the hub already ended
+        our stream)."""
+        log.info("rtmp publisher kicked", peer=self.peer, id=self.publisher_id, reason=reason)
+        self._stream = None
+        self.close(f"kicked: {reason}")
+
+    async def run(self) -> None:
+        log.info("rtmp connection opened", peer=self.peer, id=self.publisher_id)
+        try:
+            await self._serve()
+        except asyncio.CancelledError:
+            if not self._cancelled_by_us:
+                raise
+        except OSError as exc:  # ConnectionResetError and friends
+            self._set_reason(f"socket error: {exc}")
+        except Exception:
+            log.exception("rtmp connection failed", peer=self.peer, id=self.publisher_id)
+            self._set_reason("internal error")
+        finally:
+            self._finish()
+
+    def _set_reason(self, reason: str) -> None:
+        if self._close_reason is None:
+            self._close_reason = reason
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        conn = self._conn
+        # Only the first publish has to happen within rtmp.handshake_timeout.
+        handshake_deadline: float | None = loop.time() + self._config.handshake_timeout
+        while self._close_reason is None:
+            if conn.state is ConnectionState.PUBLISHING:
+                handshake_deadline = None
+            timeout = self._config.idle_timeout
+            if handshake_deadline is not None:
+                timeout = min(timeout, handshake_deadline - loop.time())
+            try:
+                if timeout <= 0:
+                    raise TimeoutError
+                async with asyncio.timeout(timeout):
+                    data = await self._reader.read(READ_SIZE)
+            except TimeoutError:
+                if handshake_deadline is not None and loop.time() >= handshake_deadline:
+                    self._set_reason(
+                        f"no publish within rtmp.handshake_timeout="
+                        f"{self._config.handshake_timeout}s"
+                    )
+                else:
+                    self._set_reason(f"no data for rtmp.idle_timeout={self._config.idle_timeout}s")
+                break
+            if not data:
+                self._set_reason("client closed the connection")
+                break
+            self._handle(conn.receive_data(data, loop.time()))
+            out = conn.data_to_send()
+            if out:
+                self._writer.write(out)
+                try:
+                    async with asyncio.timeout(self._config.idle_timeout):
+                        await self._writer.drain()
+                except TimeoutError:
+                    self._set_reason(
+                        f"client did not read for rtmp.idle_timeout={self._config.idle_timeout}s"
+                    )
+
+    def _handle(self, events: list[Event]) -> None:
+        received_at = time.monotonic()
+        for event in events:
+            if self._close_reason is not None:
+                return
+            if isinstance(event, MediaReceived):
+                stream = self._stream
+                if stream is None:
+                    continue
+                try:
+                    if event.kind == "video":
+                        stream.on_video_tag(event.timestamp_ms, event.body, received_at)
+                    else:
+                        stream.on_audio_tag(event.timestamp_ms, event.body, received_at)
+                except Exception:
+                    self._hub_failed("media")
+            elif isinstance(event, MetadataReceived):
+                if self._stream is not None:
+                    try:
+                        self._stream.on_metadata(event.metadata)
+                    except Exception:
+                        self._hub_failed("metadata")
+            elif isinstance(event, PublishRequested):
+                self._publish(event)
+            elif isinstance(event, PublishEnded):
+                self._unpublish(event.reason)
+            elif isinstance(event, PlayRejected):
+                self._set_reason(f"play of {event.stream_name!r} refused (RTMP is ingest only)")
+            elif isinstance(event, ProtocolError):
+                log.warning(
+                    "rtmp protocol error",
+                    peer=self.peer,
+                    id=self.publisher_id,
+                    kind=event.kind,
+                    error=event.message,
+                )
+                self._set_reason(f"protocol error ({event.kind})")
+
+    def _publish(self, event: PublishRequested) -> None:
+        key = f"{event.app}/{event.stream_name}"
+        try:
+            stream = self._hub.publish(event.app, event.stream_name, self.publisher_id, self.kick)
+        except StreamBusy as exc:
+            self._conn.reject_publish("NetStream.Publish.BadName", str(exc))
+            log.info("rtmp publish refused", peer=self.peer, stream=key, reason=str(exc))
+            self._set_reason("publish refused: stream busy")
+            return
+        except Exception:
+            log.exception("rtmp publish failed", peer=self.peer, stream=key)
+            self._conn.reject_publish("NetStream.Publish.Failed", f"cannot publish {key}")
+            self._set_reason("publish failed")
+            return
+        self._stream = stream
+        self._stream_key = key
+        self._conn.accept_publish()
+        log.info("rtmp publish", peer=self.peer, id=self.publisher_id, stream=key)
+
+    def _unpublish(self, reason: str) -> None:
+        stream = self._stream
+        if stream is None:
+            return
+        self._stream = None
+        log.info("rtmp unpublish", peer=self.peer, stream=self._stream_key, reason=reason)
+        try:
+            self._hub.unpublish(stream)
+        except Exception:
+            log.exception("rtmp unpublish failed", peer=self.peer, stream=self._stream_key)
+
+    def _hub_failed(self, what: str) -> None:
+        log.exception(
+            "rtmp stream rejected data", peer=self.peer, stream=self._stream_key, what=what
+        )
+        self._set_reason(f"stream failed on {what}")
+        self._unpublish("stream error")
+
+    def _finish(self) -> None:
+        reason = self._close_reason or "closed"
+        self._conn.close(reason)
+        self._unpublish(reason)
+        self._writer.close()
+        log.info("rtmp connection closed", peer=self.peer, id=self.publisher_id, reason=reason)
+
+
+def _current_task() -> asyncio.Task[object] | None:
+    with contextlib.suppress(RuntimeError):
+        return asyncio.current_task()
+    return None
