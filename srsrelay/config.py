@@ -1,0 +1,371 @@
+"""Configuration: defaults, then the TOML file, then environment, then validation.
+
+Every setting lives in a frozen dataclass below; the field's default is the
+built-in default and `conf/relay.toml` must equal these (a test checks it).
+Environment overrides are named ``SRSRELAY_<SECTION>_<KEY>``, for example
+``SRSRELAY_RTC_PORT=8001``; list values are comma-separated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "SRSRELAY_"
+
+
+class ConfigError(Exception):
+    """A setting is unknown or has a bad value; the message names the key."""
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    """debug, info, warning or error."""
+    format: str = "auto"
+    """auto (console on a TTY, JSON otherwise), console or json."""
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    shutdown_timeout: float = 5.0
+    """Seconds a graceful stop (SIGINT/SIGTERM) may take before sessions are dropped."""
+
+
+@dataclass(frozen=True)
+class RtmpConfig:
+    listen: str = "0.0.0.0"
+    port: int = 1935
+    chunk_size: int = 4096
+    """Outgoing chunk size we announce with Set Chunk Size."""
+    window_ack_size: int = 2_500_000
+    """Window Acknowledgement Size we announce; we acknowledge the peer at its window."""
+    max_message_size: int = 8 * 1024 * 1024
+    """Largest RTMP message accepted; a bigger one closes the connection."""
+    handshake_timeout: float = 10.0
+    """Seconds allowed to complete the handshake and publish."""
+    idle_timeout: float = 30.0
+    """Seconds without any byte from a connected client before it is closed."""
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    takeover: bool = False
+    """A second publisher on a live stream replaces the first instead of being refused."""
+    gop_cache_frames: int = 600
+    """Most video frames kept from the last keyframe, for new viewers."""
+    gop_cache_bytes: int = 16 * 1024 * 1024
+    """Most payload bytes kept in one stream's GOP cache."""
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    opus_bitrate: int = 64_000
+    """Opus encoder bitrate, bits per second."""
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    listen: str = "0.0.0.0"
+    port: int = 1985
+    max_body_size: int = 64 * 1024
+    """Largest WHEP request body (the SDP offer), bytes."""
+    cors_origins: tuple[str, ...] = ("*",)
+    """Origins allowed to call WHEP from a browser; "*" allows all."""
+
+
+@dataclass(frozen=True)
+class RtcConfig:
+    listen: str = "0.0.0.0"
+    port: int = 8000
+    candidates: tuple[str, ...] = ("127.0.0.1",)
+    """Addresses announced as ICE host candidates (all on `port`)."""
+    ice_servers: tuple[str, ...] = ()
+    """STUN/TURN URLs offered to clients. Empty: the relay contacts no outside host."""
+    payload_size: int = 1200
+    """Largest RTP payload, bytes (RFC 6184 FU-A fragments up to this)."""
+    sndbuf: int = 256 * 1024
+    """SO_SNDBUF of the RTC socket, bytes."""
+    rcvbuf: int = 1024 * 1024
+    """SO_RCVBUF of the RTC socket, bytes."""
+    catchup_bitrate: int = 20_000_000
+    """Bits per second at which a new viewer is sent the cached GOP before going live."""
+    dtls_timeout: float = 10.0
+    """Seconds a viewer has to complete ICE and DTLS after the answer."""
+    consent_timeout: float = 30.0
+    """Seconds without a STUN request from a viewer before its session is closed."""
+
+
+@dataclass(frozen=True)
+class Config:
+    log: LogConfig = field(default_factory=LogConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    rtmp: RtmpConfig = field(default_factory=RtmpConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    rtc: RtcConfig = field(default_factory=RtcConfig)
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("auto", "console", "json")
+ICE_URL_SCHEMES = ("stun:", "turn:", "turns:")
+PAYLOAD_SIZE_RANGE = (300, 1400)
+"""RTP payload bounds: below 300 bytes fragmentation overhead dominates; above 1400 the
+packet plus RTP/SRTP/UDP/IP headers may not fit a 1500-byte Ethernet MTU."""
+RTMP_CHUNK_SIZE_RANGE = (128, 0xFFFFFF)
+"""RTMP chunk sizes: 128 is the protocol default; a message length is a 24-bit field."""
+RTMP_MESSAGE_SIZE_RANGE = (4096, 0xFFFFFF)
+OPUS_BITRATE_RANGE = (6_000, 510_000)
+"""RFC 6716 section 2.1.1: Opus covers 6 kb/s to 510 kb/s."""
+_BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
+
+
+def load_config(path: Path | None, environ: Mapping[str, str]) -> Config:
+    """Build the configuration: defaults, then the TOML file at `path` (if any), then
+    ``SRSRELAY_<SECTION>_<KEY>`` variables from `environ`, then validation.
+
+    Raises ConfigError with a message that names the file, key or variable.
+    """
+    values: dict[str, dict[str, Any]] = {name: {} for name in _sections()}
+    if path is not None:
+        _merge_toml(values, _read_toml(path))
+    _merge_env(values, environ)
+    sections = {name: _section_type(name)(**kwargs) for name, kwargs in values.items()}
+    config = Config(**sections)
+    validate(config)
+    return config
+
+
+def _sections() -> dict[str, type[Any]]:
+    """Section name -> its dataclass, in declaration order."""
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def _section_type(section: str) -> type[Any]:
+    return _sections()[section]
+
+
+def _keys(section: str) -> dict[str, Any]:
+    """Key name -> its type hint, for one section."""
+    cls = _section_type(section)
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a TOML file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text: {exc.reason}") from None
+    except tomllib.TOMLDecodeError as exc:
+        # The message ends with "(at line L, column C)".
+        raise ConfigError(f"{path}: TOML syntax error: {exc}") from None
+
+
+def _merge_toml(values: dict[str, dict[str, Any]], data: dict[str, Any]) -> None:
+    for section, table in data.items():
+        if section not in values:
+            raise ConfigError(f"unknown section {_show(section)}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{section}: must be a [{section}] table, got {_show(table)}")
+        keys = _keys(section)
+        for key, raw in table.items():
+            if key not in keys:
+                raise ConfigError(f"{section}.{key}: unknown key")
+            values[section][key] = _from_toml(f"{section}.{key}", keys[key], raw)
+
+
+def _merge_env(values: dict[str, dict[str, Any]], environ: Mapping[str, str]) -> None:
+    for var in sorted(environ):
+        if not var.startswith(ENV_PREFIX):
+            continue
+        section, _, key = var[len(ENV_PREFIX) :].lower().partition("_")
+        if section not in values:
+            raise ConfigError(f"{var}: unknown section {_show(section)}")
+        keys = _keys(section)
+        if key not in keys:
+            raise ConfigError(f"{var}: unknown key {section}.{key or '?'}")
+        values[section][key] = _from_env(f"{section}.{key}", keys[key], environ[var])
+
+
+def _from_toml(name: str, hint: Any, raw: Any) -> Any:
+    if hint is bool:
+        if not isinstance(raw, bool):
+            raise ConfigError(f"{name}: must be true or false, got {_show(raw)}")
+        return raw
+    if hint is int:
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise ConfigError(f"{name}: must be an integer, got {_show(raw)}")
+        return raw
+    if hint is float:
+        if isinstance(raw, bool) or not isinstance(raw, int | float):
+            raise ConfigError(f"{name}: must be a number, got {_show(raw)}")
+        return float(raw)
+    if hint is str:
+        if not isinstance(raw, str):
+            raise ConfigError(f"{name}: must be a string, got {_show(raw)}")
+        return raw
+    if _is_str_tuple(hint):
+        if not isinstance(raw, list):
+            raise ConfigError(f"{name}: must be a list of strings, got {_show(raw)}")
+        for i, item in enumerate(raw):
+            if not isinstance(item, str):
+                raise ConfigError(f"{name}[{i}]: must be a string, got {_show(item)}")
+        return tuple(raw)
+    raise TypeError(f"{name}: no conversion for {hint!r}")
+
+
+def _from_env(name: str, hint: Any, raw: str) -> Any:
+    text = raw.strip()
+    if hint is bool:
+        if text.lower() not in _BOOL_WORDS:
+            raise ConfigError(f"{name}: must be true or false, got {_show(raw)}")
+        return _BOOL_WORDS[text.lower()]
+    if hint is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{name}: must be an integer, got {_show(raw)}") from None
+    if hint is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{name}: must be a number, got {_show(raw)}") from None
+    if hint is str:
+        return text
+    if _is_str_tuple(hint):
+        return tuple(item.strip() for item in text.split(",") if item.strip())
+    raise TypeError(f"{name}: no conversion for {hint!r}")
+
+
+def _is_str_tuple(hint: Any) -> bool:
+    return typing.get_origin(hint) is tuple and typing.get_args(hint) == (str, Ellipsis)
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it: strings quoted, booleans in TOML spelling."""
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "a table"
+    return str(value)
+
+
+def validate(config: Config) -> None:
+    """Check value ranges; raise ConfigError naming the first bad key."""
+    _one_of("log.level", config.log.level, LOG_LEVELS)
+    _one_of("log.format", config.log.format, LOG_FORMATS)
+    _positive("daemon.shutdown_timeout", config.daemon.shutdown_timeout)
+
+    rtmp = config.rtmp
+    _ip("rtmp.listen", rtmp.listen)
+    _port("rtmp.port", rtmp.port)
+    _between("rtmp.chunk_size", rtmp.chunk_size, *RTMP_CHUNK_SIZE_RANGE)
+    _between("rtmp.window_ack_size", rtmp.window_ack_size, 1, 0xFFFFFFFF)
+    _between("rtmp.max_message_size", rtmp.max_message_size, *RTMP_MESSAGE_SIZE_RANGE)
+    _positive("rtmp.handshake_timeout", rtmp.handshake_timeout)
+    _positive("rtmp.idle_timeout", rtmp.idle_timeout)
+
+    _positive("hub.gop_cache_frames", config.hub.gop_cache_frames)
+    _positive("hub.gop_cache_bytes", config.hub.gop_cache_bytes)
+    _between("audio.opus_bitrate", config.audio.opus_bitrate, *OPUS_BITRATE_RANGE)
+
+    http = config.http
+    _ip("http.listen", http.listen)
+    _port("http.port", http.port)
+    _positive("http.max_body_size", http.max_body_size)
+    _non_empty("http.cors_origins", http.cors_origins)
+    for i, origin in enumerate(http.cors_origins):
+        _origin(f"http.cors_origins[{i}]", origin)
+
+    rtc = config.rtc
+    _ip("rtc.listen", rtc.listen)
+    _port("rtc.port", rtc.port)
+    _non_empty("rtc.candidates", rtc.candidates)
+    for i, candidate in enumerate(rtc.candidates):
+        _candidate(f"rtc.candidates[{i}]", candidate)
+    for i, url in enumerate(rtc.ice_servers):
+        _ice_url(f"rtc.ice_servers[{i}]", url)
+    _between("rtc.payload_size", rtc.payload_size, *PAYLOAD_SIZE_RANGE)
+    _positive("rtc.sndbuf", rtc.sndbuf)
+    _positive("rtc.rcvbuf", rtc.rcvbuf)
+    _positive("rtc.catchup_bitrate", rtc.catchup_bitrate)
+    _positive("rtc.dtls_timeout", rtc.dtls_timeout)
+    _positive("rtc.consent_timeout", rtc.consent_timeout)
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}: must be one of {', '.join(allowed)}, got {_show(value)}")
+
+
+def _positive(name: str, value: float) -> None:
+    # `not value > 0` also rejects NaN.
+    if not value > 0 or value == float("inf"):
+        shown = f"{value:g}" if isinstance(value, float) else str(value)
+        raise ConfigError(f"{name}: must be greater than 0, got {shown}")
+
+
+def _between(name: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"{name}: must be {low}-{high}, got {value}")
+
+
+def _port(name: str, value: int) -> None:
+    # 0 asks the OS for any free port (used by tests; the bound port is logged at start).
+    _between(name, value, 0, 65535)
+
+
+def _non_empty(name: str, value: tuple[str, ...]) -> None:
+    if not value:
+        raise ConfigError(f"{name}: must not be empty")
+
+
+def _ip(name: str, value: str) -> None:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ConfigError(f"{name}: not an IP address: {_show(value)}") from None
+
+
+def _candidate(name: str, value: str) -> None:
+    _ip(name, value)
+    if ipaddress.ip_address(value).is_unspecified:
+        raise ConfigError(f"{name}: must be an address viewers can reach, not {_show(value)}")
+
+
+def _ice_url(name: str, value: str) -> None:
+    scheme = next((s for s in ICE_URL_SCHEMES if value.startswith(s)), None)
+    if scheme is None or len(value) == len(scheme):
+        raise ConfigError(
+            f"{name}: must be a stun:, turn: or turns: URL with a host, got {_show(value)}"
+        )
+
+
+def _origin(name: str, value: str) -> None:
+    if value == "*":
+        return
+    scheme, sep, rest = value.partition("://")
+    if scheme not in ("http", "https") or not sep or not rest or "/" in rest:
+        raise ConfigError(
+            f'{name}: must be "*" or an origin like "https://example.com", got {_show(value)}'
+        )
