@@ -1,0 +1,266 @@
+"""The WebRTC server: one UDP socket shared by all viewers.
+
+Incoming datagrams are demultiplexed by their first byte (RFC 7983): STUN goes to
+ICE-lite (by ufrag), DTLS and SRTP/SRTCP to the viewer owning the source address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import ipaddress
+import socket
+import time
+import types
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+from aiortc import RTCCertificate
+
+from srsrelay.config import RtcConfig
+from srsrelay.webrtc.dtls import generate_certificate
+from srsrelay.webrtc.ice import IceLite
+from srsrelay.webrtc.sdp import parse_offer
+from srsrelay.webrtc.sendpath import SendCounters, SendPath, TrafficKind
+from srsrelay.webrtc.viewer import StreamSource, ViewerSession
+
+log = structlog.get_logger(__name__)
+
+RECV_SIZE = 2048
+"""Largest datagram read; WebRTC datagrams stay below the path MTU."""
+MAX_DATAGRAMS_PER_WAKEUP = 256
+"""Datagrams read per readiness callback before yielding to the event loop."""
+STOP_TIMEOUT = 3.0
+"""Seconds `stop` waits for sessions to close."""
+ERROR_LOG_INTERVAL = 1.0
+"""Seconds between two log lines about failures in the receive loop."""
+
+
+class RecvCount(enum.Enum):
+    """Counters of the receive loop."""
+
+    STUN = "stun"
+    DTLS = "dtls"
+    RTCP = "rtcp"
+    RTP = "rtp"
+    UNKNOWN_ADDRESS = "unknown_address"
+    """DTLS/SRTP from an address no viewer has (yet) checked via ICE."""
+    UNCLASSIFIED = "unclassified"
+    """First byte outside every RFC 7983 range."""
+    SOCKET_ERRORS = "socket_errors"
+    HANDLER_ERRORS = "handler_errors"
+
+
+def _addr2(addr: Any) -> tuple[str, int]:
+    return (str(addr[0]), int(addr[1]))
+
+
+class RtcServer:
+    """Owns the RTC socket, the send path, ICE-lite and the viewer sessions."""
+
+    def __init__(self, config: RtcConfig) -> None:
+        self.config = config
+        self._sock: socket.socket | None = None
+        self._send_path: SendPath | None = None
+        self._certificate: RTCCertificate | None = None
+        self._ice = IceLite()
+        self._sessions: dict[str, ViewerSession] = {}
+        self._by_ufrag: dict[str, ViewerSession] = {}
+        self._by_addr: dict[tuple[str, int], ViewerSession] = {}
+        self._port = 0
+        self.counters = SendCounters("all", log_drops=False)
+        """Send outcomes over all viewers."""
+        self.received: dict[RecvCount, int] = {c: 0 for c in RecvCount}
+        self._last_error_log = -ERROR_LOG_INTERVAL
+
+    @property
+    def port(self) -> int:
+        """The bound UDP port (config.port may be 0)."""
+        return self._port
+
+    @property
+    def sessions(self) -> Mapping[str, ViewerSession]:
+        return types.MappingProxyType(self._sessions)
+
+    async def start(self) -> None:
+        family = (
+            socket.AF_INET6
+            if ipaddress.ip_address(self.config.listen).version == 6
+            else socket.AF_INET
+        )
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.config.sndbuf)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.config.rcvbuf)
+            sock.bind((self.config.listen, self.config.port))
+        except OSError as exc:
+            sock.close()
+            raise OSError(
+                exc.errno,
+                f"cannot bind rtc.listen={self.config.listen} rtc.port={self.config.port}: "
+                f"{exc.strerror}",
+            ) from None
+        sock.setblocking(False)
+        self._sock = sock
+        self._port = sock.getsockname()[1]
+        self._send_path = SendPath(sock, self.counters)
+        self._certificate = generate_certificate()
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._on_readable)
+        log.info(
+            "rtc listening",
+            listen=self.config.listen,
+            port=self._port,
+            candidates=",".join(self.config.candidates),
+        )
+
+    async def stop(self) -> None:
+        sessions = list(self._sessions.values())
+        if sessions:
+            closing = asyncio.gather(
+                *(s.close("server stopping") for s in sessions), return_exceptions=True
+            )
+            try:
+                await asyncio.wait_for(closing, STOP_TIMEOUT)
+            except TimeoutError:
+                log.warning("rtc stop timed out", sessions=len(self._sessions))
+        self._sessions.clear()
+        self._by_ufrag.clear()
+        self._by_addr.clear()
+        if self._sock is not None:
+            asyncio.get_running_loop().remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+        log.info("rtc stopped")
+
+    def create_session(self, offer_sdp: str, stream: StreamSource) -> ViewerSession:
+        """Answer `offer_sdp` for `stream`; raises OfferError. Needs `start()` first."""
+        if self._send_path is None or self._certificate is None:
+            raise RuntimeError("RtcServer.start() must be called before create_session()")
+        offer = parse_offer(
+            offer_sdp,
+            profile_level_id=stream.profile_level_id,
+            want_video=stream.has_video,
+            want_audio=stream.has_audio,
+        )
+        session = ViewerSession(
+            stream=stream,
+            offer=offer,
+            config=self.config,
+            send_path=self._send_path,
+            certificate=self._certificate,
+            port=self._port,
+            on_closed=self._session_closed,
+        )
+        self._sessions[session.id] = session
+        self._by_ufrag[session.ice.ufrag] = session
+        self._ice.add(session.ice)
+        session.start()
+        try:
+            stream.add_reader(session)
+        except Exception:
+            session.close_soon("stream refused the viewer")
+            raise
+        log.info(
+            "viewer created",
+            viewer=session.id,
+            stream=stream.key,
+            video=offer.video is not None,
+            audio=offer.audio is not None,
+        )
+        return session
+
+    async def close_session(self, session_id: str, reason: str) -> bool:
+        session = self._sessions.get(session_id)
+        if session is None:
+            return False
+        await session.close(reason)
+        return True
+
+    def _session_closed(self, session: ViewerSession) -> None:
+        self._sessions.pop(session.id, None)
+        self._by_ufrag.pop(session.ice.ufrag, None)
+        self._ice.remove(session.ice.ufrag)
+        addr = session.ice.remote_addr
+        if addr is not None and self._by_addr.get(addr) is session:
+            del self._by_addr[addr]
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "port": self._port,
+            "sessions": len(self._sessions),
+            "received": {c.value: n for c, n in self.received.items()},
+            "stun_dropped": {d.value: n for d, n in self._ice.drops.items()},
+            "send": self.counters.snapshot(),
+        }
+
+    # -- receive loop --------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        for _ in range(MAX_DATAGRAMS_PER_WAKEUP):
+            try:
+                data, addr = sock.recvfrom(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.received[RecvCount.SOCKET_ERRORS] += 1
+                continue
+            if not data:
+                continue
+            try:
+                self._dispatch(data, _addr2(addr))
+            except Exception:
+                self.received[RecvCount.HANDLER_ERRORS] += 1
+                now = time.monotonic()
+                if now - self._last_error_log >= ERROR_LOG_INTERVAL:
+                    self._last_error_log = now
+                    log.exception(
+                        "rtc datagram handling failed",
+                        errors=self.received[RecvCount.HANDLER_ERRORS],
+                    )
+
+    def _dispatch(self, data: bytes, addr: tuple[str, int]) -> None:
+        first = data[0]
+        if first <= 3:
+            self.received[RecvCount.STUN] += 1
+            self._handle_stun(data, addr)
+            return
+        if 20 <= first <= 63:
+            kind = RecvCount.DTLS
+        elif 128 <= first <= 191:
+            # RFC 5761 section 4: RTCP packet types 192..223 in the second byte.
+            rtcp = len(data) > 1 and 192 <= data[1] <= 223
+            kind = RecvCount.RTCP if rtcp else RecvCount.RTP
+        else:
+            self.received[RecvCount.UNCLASSIFIED] += 1
+            return
+        session = self._by_addr.get(addr)
+        if session is None:
+            self.received[RecvCount.UNKNOWN_ADDRESS] += 1
+            return
+        self.received[kind] += 1
+        if kind is RecvCount.DTLS:
+            session.handle_dtls(data)
+        elif kind is RecvCount.RTCP:
+            session.handle_rtcp(data)
+        else:
+            session.handle_rtp(data)
+
+    def _handle_stun(self, data: bytes, addr: tuple[str, int]) -> None:
+        answered = self._ice.handle(data, addr, time.monotonic())
+        if answered is None:
+            return
+        session = self._by_ufrag.get(answered.session.ufrag)
+        if session is None:
+            return
+        if answered.address_changed:
+            prev = answered.previous_addr
+            if prev is not None and self._by_addr.get(prev) is session:
+                del self._by_addr[prev]
+            self._by_addr[addr] = session
+            session.on_remote_address(addr)
+        assert self._send_path is not None
+        self._send_path.send(answered.response, addr, TrafficKind.STUN, session.counters)

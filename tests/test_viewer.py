@@ -1,0 +1,422 @@
+"""ViewerSession against an in-memory stream and a DTLS client on a real loopback socket."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import pytest
+from aiortc.rtp import (
+    RtcpPacket,
+    RtcpPsfbPacket,
+    RtcpReceiverInfo,
+    RtcpRrPacket,
+    RtcpRtpfbPacket,
+    RtcpSdesPacket,
+    RtcpSrPacket,
+    RtpPacket,
+)
+
+from srsrelay.config import RtcConfig
+from srsrelay.hub.frames import MediaKind, RtpFrame
+from srsrelay.webrtc.dtls import DtlsSrtp, generate_certificate
+from srsrelay.webrtc.sdp import parse_offer
+from srsrelay.webrtc.sendpath import SendPath
+from srsrelay.webrtc.viewer import (
+    FrameReader,
+    SessionState,
+    TrackSender,
+    ViewerSession,
+    sender_report,
+)
+
+OFFER = (
+    "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0 1\r\n"
+    "m=video 9 UDP/TLS/RTP/SAVPF 102 103\r\na=mid:0\r\na=recvonly\r\n"
+    "a=ice-ufrag:them\r\na=ice-pwd:theirpassword1234567890\r\n"
+    "a=fingerprint:sha-256 {fp}\r\na=setup:actpass\r\n"
+    "a=rtpmap:102 H264/90000\r\n"
+    "a=fmtp:102 level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f\r\n"
+    "a=rtpmap:103 rtx/90000\r\na=fmtp:103 apt=102\r\n"
+    "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:1\r\na=recvonly\r\n"
+    "a=rtpmap:111 opus/48000/2\r\n"
+)
+
+
+@dataclass
+class FakeGop:
+    generation: int = 0
+    frames: list[RtpFrame] = field(default_factory=list)
+    truncated: bool = False
+
+
+class FakeStream:
+    def __init__(self) -> None:
+        self.key = "live/test"
+        self.profile_level_id: str | None = "42e01f"
+        self.has_video = True
+        self.has_audio = True
+        self.gop = FakeGop()
+        self.readers: list[FrameReader] = []
+
+    def add_reader(self, reader: FrameReader) -> None:
+        self.readers.append(reader)
+
+    def remove_reader(self, reader: FrameReader) -> None:
+        self.readers.remove(reader)
+
+    def push(self, frame: RtpFrame) -> None:
+        if frame.kind is MediaKind.VIDEO:
+            if frame.keyframe:
+                self.gop = FakeGop(self.gop.generation + 1, [frame])
+            elif self.gop.frames and not self.gop.truncated:
+                self.gop.frames.append(frame)
+        for reader in list(self.readers):
+            reader.on_frame(frame)
+
+
+def video(index: int, keyframe: bool = False, packets: int = 3, size: int = 100) -> RtpFrame:
+    payloads = tuple(bytes([index % 256]) * size for _ in range(packets))
+    size = packets * size
+    return RtpFrame(MediaKind.VIDEO, index * 3000, keyframe, payloads, size, time.monotonic())
+
+
+def audio(index: int) -> RtpFrame:
+    return RtpFrame(MediaKind.AUDIO, index * 960, False, (b"opus" * 10,), 40, time.monotonic())
+
+
+class Browser:
+    """The viewer's peer: a loopback socket and a DTLS client."""
+
+    def __init__(self, server_cert_fp: list[tuple[str, str]]) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setblocking(False)
+        self.cert = generate_certificate()
+        self.server_fp = server_cert_fp
+        self.session: ViewerSession | None = None
+        self.dtls = DtlsSrtp(self.cert, self._to_viewer, role="controlled")
+        self.media: list[bytes] = []
+        self.rtcp: list[bytes] = []
+        self._reader: asyncio.Task[None] | None = None
+
+    @property
+    def addr(self) -> tuple[str, int]:
+        host, port = self.sock.getsockname()
+        return str(host), int(port)
+
+    @property
+    def fingerprints(self) -> list[tuple[str, str]]:
+        return [(f.algorithm, f.value) for f in self.cert.getFingerprints()]
+
+    def _to_viewer(self, data: bytes) -> None:
+        assert self.session is not None
+        if data[0] >= 128:
+            self.session.handle_rtcp(data)
+        else:
+            self.session.handle_dtls(data)
+
+    async def _read(self) -> None:
+        loop = asyncio.get_running_loop()
+        pending: list[bytes] = []  # SRTP that overtook the end of our handshake
+        while True:
+            data = await loop.sock_recv(self.sock, 2048)
+            if 20 <= data[0] <= 63:
+                self.dtls.feed(data)
+                continue
+            pending.append(data)
+            for _ in range(200):
+                if self.dtls.connected:
+                    break
+                await asyncio.sleep(0.01)
+            for data in pending:
+                if 192 <= data[1] <= 223:
+                    plain = self.dtls.unprotect_rtcp(data)
+                    assert plain is not None
+                    self.rtcp.append(plain)
+                else:
+                    plain = self.dtls.unprotect_rtp(data)
+                    assert plain is not None
+                    self.media.append(plain)
+            pending.clear()
+
+    def start(self) -> None:
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def stop(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        await self.dtls.stop()
+        self.sock.close()
+
+    def packets(self, pt: int | None = None) -> list[RtpPacket]:
+        parsed = [RtpPacket.parse(d) for d in self.media]
+        return [p for p in parsed if pt is None or p.payload_type == pt]
+
+
+@dataclass
+class Rig:
+    stream: FakeStream
+    session: ViewerSession
+    browser: Browser
+    closed: list[ViewerSession]
+
+
+async def _settle(seconds: float = 0.05) -> None:
+    await asyncio.sleep(seconds)
+
+
+@contextlib.asynccontextmanager
+async def make_rig(
+    config: RtcConfig, connect: bool = True, cached: list[RtpFrame] | None = None
+) -> AsyncIterator[Rig]:
+    cert = generate_certificate()
+    server_fp = [(f.algorithm, f.value) for f in cert.getFingerprints()]
+    browser = Browser(server_fp)
+    fp = browser.fingerprints[0][1]
+    offer = parse_offer(OFFER.format(fp=fp), profile_level_id="42e01f")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    stream = FakeStream()
+    closed: list[ViewerSession] = []
+    session = ViewerSession(
+        stream=stream,
+        offer=offer,
+        config=config,
+        send_path=SendPath(sock),
+        certificate=cert,
+        port=sock.getsockname()[1],
+        on_closed=closed.append,
+    )
+    browser.session = session
+    stream.add_reader(session)
+    for frame in cached or []:
+        stream.push(frame)
+    session.start()
+    browser.start()
+    if connect:
+        # What ICE does on the first valid Binding request.
+        session.ice.on_binding(browser.addr, True, asyncio.get_running_loop().time())
+        session.on_remote_address(browser.addr)
+        assert session.state is SessionState.CONNECTING
+        assert await asyncio.wait_for(browser.dtls.start(server_fp), 5)
+        for _ in range(100):
+            if session.state is SessionState.CONNECTED:
+                break
+            await asyncio.sleep(0.01)
+        assert session.state is SessionState.CONNECTED
+    try:
+        yield Rig(stream, session, browser, closed)
+    finally:
+        await session.close("test over")
+        await browser.stop()
+        sock.close()
+
+
+@pytest.fixture
+async def rig() -> AsyncIterator[Rig]:
+    async with make_rig(RtcConfig()) as r:
+        yield r
+
+
+def test_rtp_header_rewrite_and_wrap() -> None:
+    track = TrackSender(MediaKind.VIDEO, 102)
+    track.seq = 0xFFFF
+    track.ts_offset = 0xFFFFFFF0
+    first = RtpPacket.parse(track.packet(b"abc", 0x20, marker=False))
+    second = RtpPacket.parse(track.packet(b"defg", 0x20, marker=True))
+    assert (first.version, first.payload_type, first.marker) == (2, 102, 0)
+    assert first.sequence_number == 0xFFFF and second.sequence_number == 0
+    assert first.timestamp == (0x20 + 0xFFFFFFF0) & 0xFFFFFFFF == 0x10
+    assert second.marker == 1 and second.payload == b"defg"
+    assert first.ssrc == second.ssrc == track.ssrc != 0
+    assert (track.packets, track.octets) == (2, 7)
+
+
+def test_sender_report_layout() -> None:
+    track = TrackSender(MediaKind.AUDIO, 111)
+    track.packets, track.octets = 10, 400
+    packets = RtcpPacket.parse(sender_report(track, (5 << 32) | 7, 123456, "cname0"))
+    sr, sdes = packets
+    assert isinstance(sr, RtcpSrPacket) and isinstance(sdes, RtcpSdesPacket)
+    assert sr.ssrc == track.ssrc
+    info = sr.sender_info
+    assert (info.ntp_timestamp, info.rtp_timestamp) == ((5 << 32) | 7, 123456)
+    assert (info.packet_count, info.octet_count) == (10, 400)
+    assert sdes.chunks[0].ssrc == track.ssrc
+    assert sdes.chunks[0].items == [(1, b"cname0")]
+
+
+async def test_frames_are_ignored_until_connected() -> None:
+    async with make_rig(RtcConfig(), connect=False) as rig:
+        rig.stream.push(video(0, keyframe=True))
+        rig.stream.push(audio(0))
+        await _settle()
+        assert rig.browser.media == []
+        assert rig.session.state is SessionState.NEW
+
+
+async def test_video_waits_for_keyframe_audio_does_not(rig: Rig) -> None:
+    rig.stream.push(video(1))  # no cached GOP and not a keyframe
+    rig.stream.push(audio(1))
+    await _settle()
+    assert [p.payload_type for p in rig.browser.packets()] == [111]
+    rig.stream.push(video(2, keyframe=True))
+    rig.stream.push(video(3))
+    await _settle()
+    vp = rig.browser.packets(102)
+    assert len(vp) == 6
+    assert [p.marker for p in vp] == [0, 0, 1, 0, 0, 1]
+    seqs = [p.sequence_number for p in vp]
+    assert all((b - a) & 0xFFFF == 1 for a, b in zip(seqs, seqs[1:], strict=False))
+    assert (vp[3].timestamp - vp[0].timestamp) & 0xFFFFFFFF == 3000
+    assert vp[0].ssrc == rig.session.video.ssrc  # type: ignore[union-attr]
+    assert rig.session.stats()["tracks"]["video"]["packets"] == 6
+
+
+def video_timestamps(rig: Rig) -> list[int]:
+    """Stream timestamps (offset removed) of the video frames the browser got."""
+    assert rig.session.video is not None
+    offset = rig.session.video.ts_offset
+    stamps = [(p.timestamp - offset) & 0xFFFFFFFF for p in rig.browser.packets(102) if p.marker]
+    return stamps
+
+
+async def _wait(predicate: Callable[[], bool], within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+# 8 kB/s per 100 kbit/s: ten 3000-byte frames take about 0.3 s at 800 kbit/s.
+SLOW = RtcConfig(catchup_bitrate=800_000)
+
+
+async def test_gop_catch_up_is_paced_then_live() -> None:
+    cached = [video(0, keyframe=True, size=1000)] + [video(i, size=1000) for i in range(1, 10)]
+    async with make_rig(SLOW, cached=cached) as rig:
+        started = time.monotonic()
+        assert rig.session.catching_up
+        rig.stream.push(video(10, size=1000))  # live, and cached: sent once, by the catch-up
+        rig.stream.push(audio(0))  # audio goes live at once
+        await asyncio.sleep(0.02)
+        assert len(rig.browser.packets(111)) == 1
+        assert len(video_timestamps(rig)) < 5
+        await _wait(lambda: not rig.session.catching_up)
+        assert time.monotonic() - started > 0.2
+        rig.stream.push(video(11, size=1000))
+        await _wait(lambda: len(video_timestamps(rig)) == 12)
+        assert video_timestamps(rig) == [i * 3000 for i in range(12)]
+
+
+async def test_catch_up_restarts_on_new_gop() -> None:
+    cached = [video(0, keyframe=True, size=1000)] + [video(i, size=1000) for i in range(1, 10)]
+    async with make_rig(SLOW, cached=cached) as rig:
+        await asyncio.sleep(0.05)
+        assert rig.session.catching_up
+        rig.stream.push(video(20, keyframe=True, size=1000))
+        rig.stream.push(video(21, size=1000))
+        await _wait(lambda: not rig.session.catching_up)
+        stamps = video_timestamps(rig)
+        assert stamps[-2:] == [20 * 3000, 21 * 3000]
+        assert 1 <= len(stamps) - 2 < 10  # part of the old GOP went out first
+        assert stamps[:-2] == [i * 3000 for i in range(len(stamps) - 2)]
+
+
+async def test_truncated_cache_resumes_at_live_keyframe() -> None:
+    cached = [video(0, keyframe=True), video(1), video(2)]
+    async with make_rig(RtcConfig(), connect=False, cached=cached) as rig:
+        rig.stream.gop.truncated = True
+        rig.session.ice.on_binding(rig.browser.addr, True, time.monotonic())
+        rig.session.on_remote_address(rig.browser.addr)
+        server_fp = rig.browser.server_fp
+        assert await asyncio.wait_for(rig.browser.dtls.start(server_fp), 5)
+        await _wait(lambda: rig.session.state is SessionState.CONNECTED)
+        await _wait(lambda: not rig.session.catching_up)
+        rig.stream.push(video(5))  # after the truncation point: undecodable
+        rig.stream.push(video(6, keyframe=True))
+        await _wait(lambda: len(video_timestamps(rig)) == 4)
+        assert video_timestamps(rig) == [0, 3000, 6000, 18000]
+
+
+async def test_rtcp_feedback_is_counted(rig: Rig) -> None:
+    assert rig.session.video is not None and rig.session.audio is not None
+    vssrc = rig.session.video.ssrc
+    report = RtcpReceiverInfo(
+        ssrc=vssrc,
+        fraction_lost=3,
+        packets_lost=7,
+        highest_sequence=1000,
+        jitter=12,
+        lsr=0,
+        dlsr=0,
+    )
+    compound = (
+        bytes(RtcpRrPacket(ssrc=1, reports=[report]))
+        + bytes(RtcpRtpfbPacket(fmt=1, ssrc=1, media_ssrc=vssrc, lost=[5, 6, 9]))
+        + bytes(RtcpPsfbPacket(fmt=1, ssrc=1, media_ssrc=vssrc))
+    )
+    rig.session.handle_rtcp(rig.browser.dtls.protect_rtcp(compound))
+    rig.session.handle_rtcp(b"\x80\xc9" + bytes(40))  # not authentic
+    c = rig.session.rtcp
+    assert (c.packets, c.undecryptable) == (1, 1)
+    assert (c.receiver_reports, c.nacks, c.nacked_packets, c.plis) == (1, 1, 3, 1)
+    rr = rig.session.receiver_reports[MediaKind.VIDEO]
+    assert (rr.fraction_lost, rr.packets_lost, rr.highest_sequence, rr.jitter) == (3, 7, 1000, 12)
+    assert MediaKind.AUDIO not in rig.session.receiver_reports
+
+
+async def test_sender_reports_map_stream_clock(rig: Rig) -> None:
+    assert rig.session.video is not None
+    rig.stream.push(video(0, keyframe=True))
+    rig.stream.push(audio(0))
+    await _wait(lambda: len(rig.browser.rtcp) >= 2, within=3)
+    srs = [p for d in rig.browser.rtcp for p in RtcpPacket.parse(d) if isinstance(p, RtcpSrPacket)]
+    by_ssrc = {sr.ssrc: sr for sr in srs}
+    vsr = by_ssrc[rig.session.video.ssrc]
+    assert vsr.sender_info.packet_count == 3
+    assert vsr.sender_info.octet_count == 300
+    # The SR's RTP time is the last frame's time plus the wallclock since it arrived.
+    elapsed = (vsr.sender_info.rtp_timestamp - rig.session.video.ts_offset) & 0xFFFFFFFF
+    assert 0 <= elapsed < 90_000
+    ntp_seconds = (vsr.sender_info.ntp_timestamp >> 32) - 2_208_988_800
+    assert abs(ntp_seconds - time.time()) < 5
+
+
+async def test_consent_timeout_closes_and_says_bye() -> None:
+    async with make_rig(RtcConfig(consent_timeout=0.3)) as rig:
+        rig.stream.push(audio(0))
+        await _wait(lambda: rig.session.state is SessionState.CLOSED, within=3)
+        assert rig.session.close_reason == "ice consent timeout"
+        assert rig.closed == [rig.session]
+        assert rig.stream.readers == []
+        await _wait(lambda: any(d[1] == 203 for d in rig.browser.rtcp), within=2)  # BYE
+
+
+async def test_dtls_timeout() -> None:
+    async with make_rig(RtcConfig(dtls_timeout=0.2), connect=False) as rig:
+        await _wait(lambda: rig.session.state is SessionState.CLOSED, within=3)
+        assert rig.session.close_reason == "dtls timeout"
+
+
+async def test_stream_end_and_idempotent_close(rig: Rig) -> None:
+    rig.session.on_stream_end()
+    await _wait(lambda: rig.session.state is SessionState.CLOSED)
+    assert rig.session.close_reason == "stream ended"
+    await rig.session.close("again")
+    assert rig.session.close_reason == "stream ended"
+    assert rig.closed == [rig.session]
+    rig.stream.push(audio(1))  # no longer a reader, and closed anyway
+    assert rig.stream.readers == []
+
+
+async def test_viewer_dtls_close_notify_closes_session(rig: Rig) -> None:
+    await rig.browser.dtls.stop()
+    await _wait(lambda: rig.session.state is SessionState.CLOSED)
+    assert rig.session.close_reason == "dtls closed by viewer"
