@@ -1,0 +1,107 @@
+"""The relay: the hub plus its three listeners (RTMP in, WebRTC out, HTTP signalling)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+from srsrelay.config import Config
+from srsrelay.http.server import HttpServer
+from srsrelay.hub.registry import Hub
+from srsrelay.rtmp.server import RtmpServer
+from srsrelay.webrtc.server import RtcServer
+
+log = structlog.get_logger(__name__)
+
+SHUTDOWN_REASON = "relay is shutting down"
+
+
+class StartError(Exception):
+    """A listener could not be opened; the message names the setting to change."""
+
+
+class Relay:
+    """Starts and stops the parts in order. One instance per process."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.hub = Hub(config.hub, config.audio, config.rtc.payload_size)
+        self.rtc = RtcServer(config.rtc)
+        self.rtmp = RtmpServer(config.rtmp, self.hub)
+        self.http: HttpServer | None = None
+        self._started: list[tuple[str, Callable[[], Awaitable[None]]]] = []
+        """Stop callables of the parts that started, in start order."""
+        self._stopped = False
+
+    @property
+    def rtmp_port(self) -> int:
+        return self.rtmp.port
+
+    @property
+    def rtc_port(self) -> int:
+        return self.rtc.port
+
+    @property
+    def http_port(self) -> int:
+        if self.http is None:
+            raise RuntimeError("the relay is not started")
+        return self.http.port
+
+    async def start(self) -> None:
+        """Open the RTC socket, then the RTMP and HTTP listeners.
+
+        Raises StartError naming the setting if a port cannot be bound; whatever had
+        started by then is stopped again.
+        """
+        cfg = self.config
+        try:
+            await _listen("rtc.port", cfg.rtc.listen, cfg.rtc.port, self.rtc.start)
+            self._started.append(("rtc", self.rtc.stop))
+            await _listen("rtmp.port", cfg.rtmp.listen, cfg.rtmp.port, self.rtmp.start)
+            self._started.append(("rtmp", self.rtmp.stop))
+            self.http = HttpServer(cfg.http, self.hub, self.rtc, rtmp_port=self.rtmp.port)
+            await _listen("http.port", cfg.http.listen, cfg.http.port, self.http.start)
+            self._started.append(("http", self.http.stop))
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        """Stop accepting (HTTP, RTMP), close viewer sessions, end every stream.
+
+        The graceful part is bounded by daemon.shutdown_timeout; after it the RTC
+        socket is closed regardless. Idempotent.
+        """
+        if self._stopped:
+            return
+        self._stopped = True
+        started = dict(self._started)
+        timeout = self.config.daemon.shutdown_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                for name in ("http", "rtmp"):
+                    if name in started:
+                        await started[name]()
+                for session_id in list(self.rtc.sessions):
+                    await self.rtc.close_session(session_id, SHUTDOWN_REASON)
+        except TimeoutError:
+            log.warning(
+                "graceful stop timed out, dropping what is left",
+                setting="daemon.shutdown_timeout",
+                timeout=timeout,
+                sessions=len(self.rtc.sessions),
+            )
+        self.hub.close()
+        if "rtc" in started:
+            await started["rtc"]()
+
+
+async def _listen(setting: str, host: str, port: int, start: Callable[[], Awaitable[None]]) -> None:
+    try:
+        await start()
+    except OSError as exc:
+        reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        raise StartError(f"{setting}: cannot listen on {host}:{port}: {reason}") from exc
