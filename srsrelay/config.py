@@ -90,8 +90,9 @@ class RtcConfig:
     """STUN/TURN URLs offered to clients. Empty: the relay contacts no outside host."""
     payload_size: int = 1200
     """Largest RTP payload, bytes (RFC 6184 FU-A fragments up to this)."""
-    sndbuf: int = 256 * 1024
-    """SO_SNDBUF of the RTC socket, bytes."""
+    sndbuf: int = 32 * 1024
+    """SO_SNDBUF of the RTC socket, bytes (Linux doubles it). Small on purpose: the kernel
+    queue behind it delays every STUN reply, and 64 KiB drain in 0.5 s at 1 Mbit/s."""
     rcvbuf: int = 1024 * 1024
     """SO_RCVBUF of the RTC socket, bytes."""
     catchup_bitrate: int = 20_000_000
@@ -100,6 +101,21 @@ class RtcConfig:
     """Seconds a viewer has to complete ICE and DTLS after the answer."""
     consent_timeout: float = 30.0
     """Seconds without a STUN request from a viewer before its session is closed."""
+    control_queue: int = 256
+    """Most STUN, DTLS and RTCP datagrams held while the socket is blocked; media is dropped."""
+    nack_history: int = 512
+    """RTP packets remembered per viewer and track for retransmission (a power of two)."""
+    retransmit_budget: float = 0.15
+    """Retransmitted bytes allowed per viewer, as a fraction of its media bytes."""
+    keyframe_request_interval: float = 1.0
+    """Seconds between two PLI/FIR of one viewer that are acted on; others are counted."""
+    keyframe_cache_age: float = 1.0
+    """A PLI/FIR is answered from the cached keyframe when it is at most this old, seconds;
+    otherwise the viewer waits for the publisher's next keyframe."""
+    congestion_loss: float = 0.1
+    """Loss fraction (from RR or NACKs) above which a viewer counts as congested."""
+    overload_timeout: float = 10.0
+    """Seconds a viewer may stay congested before it is disconnected."""
 
 
 @dataclass(frozen=True)
@@ -311,6 +327,13 @@ def validate(config: Config) -> None:
     _positive("rtc.catchup_bitrate", rtc.catchup_bitrate)
     _positive("rtc.dtls_timeout", rtc.dtls_timeout)
     _positive("rtc.consent_timeout", rtc.consent_timeout)
+    _positive("rtc.control_queue", rtc.control_queue)
+    _power_of_two("rtc.nack_history", rtc.nack_history, 16, 32768)
+    _fraction("rtc.retransmit_budget", rtc.retransmit_budget)
+    _positive("rtc.keyframe_request_interval", rtc.keyframe_request_interval)
+    _positive("rtc.keyframe_cache_age", rtc.keyframe_cache_age)
+    _fraction("rtc.congestion_loss", rtc.congestion_loss)
+    _positive("rtc.overload_timeout", rtc.overload_timeout)
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -328,6 +351,17 @@ def _positive(name: str, value: float) -> None:
 def _between(name: str, value: int, low: int, high: int) -> None:
     if not low <= value <= high:
         raise ConfigError(f"{name}: must be {low}-{high}, got {value}")
+
+
+def _power_of_two(name: str, value: int, low: int, high: int) -> None:
+    # Ring buffers index with `seq & (size - 1)`.
+    if not low <= value <= high or value & (value - 1):
+        raise ConfigError(f"{name}: must be a power of two from {low} to {high}, got {value}")
+
+
+def _fraction(name: str, value: float) -> None:
+    if not 0 <= value <= 1:
+        raise ConfigError(f"{name}: must be 0-1, got {value:g}")
 
 
 def _port(name: str, value: int) -> None:

@@ -173,6 +173,18 @@ BAD_TOML = [
     ),
     ("[rtc]\npayload_size = 200\n", "rtc.payload_size: must be 300-1400, got 200"),
     ("[rtc]\npayload_size = 1500\n", "rtc.payload_size: must be 300-1400, got 1500"),
+    (
+        "[rtc]\nnack_history = 500\n",
+        "rtc.nack_history: must be a power of two from 16 to 32768, got 500",
+    ),
+    (
+        "[rtc]\nnack_history = 8\n",
+        "rtc.nack_history: must be a power of two from 16 to 32768, got 8",
+    ),
+    ("[rtc]\nretransmit_budget = 1.5\n", "rtc.retransmit_budget: must be 0-1, got 1.5"),
+    ("[rtc]\ncongestion_loss = -0.1\n", "rtc.congestion_loss: must be 0-1, got -0.1"),
+    ("[rtc]\ncontrol_queue = 0\n", "rtc.control_queue: must be greater than 0, got 0"),
+    ("[rtc]\noverload_timeout = 0\n", "rtc.overload_timeout: must be greater than 0, got 0"),
     ("[rtc]\nsndbuf = 0\n", "rtc.sndbuf: must be greater than 0, got 0"),
     ("[rtc]\ndtls_timeout = 0.0\n", "rtc.dtls_timeout: must be greater than 0, got 0"),
 ]
