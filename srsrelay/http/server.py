@@ -109,6 +109,7 @@ class HttpServer:
         r.add_get("/api/v1/streams/", self._api_streams)
         r.add_get("/api/v1/sessions", self._api_sessions)
         r.add_get("/api/v1/sessions/", self._api_sessions)
+        r.add_get("/api/v1/rtc", self._api_rtc)
         r.add_post("/whep/{app}/{stream}", self._whep_post)
         r.add_route("OPTIONS", "/whep/{app}/{stream}", self._options_post)
         r.add_delete("/whep/{app}/{stream}/{session}", self._whep_delete)
@@ -162,6 +163,9 @@ class HttpServer:
     async def _api_sessions(self, request: web.Request) -> web.Response:
         sessions = [session_json(s) for s in list(self._rtc.sessions.values())]
         return web.json_response({"code": 0, "sessions": sessions})
+
+    async def _api_rtc(self, request: web.Request) -> web.Response:
+        return web.json_response({"code": 0, "rtc": self._rtc.stats()})
 
     # -- WHEP ----------------------------------------------------------------------
 
@@ -298,12 +302,5 @@ def stream_json(stream: Stream, now: float) -> dict[str, Any]:
 
 
 def session_json(session: ViewerSession) -> dict[str, Any]:
-    """One viewer session for GET /api/v1/sessions."""
-    remote = session.ice.remote_addr
-    return {
-        "id": session.id,
-        "stream": session.stream.key,
-        "state": session.state.value,
-        "remote": f"{remote[0]}:{remote[1]}" if remote is not None else None,
-        "send": session.counters.snapshot(),
-    }
+    """One viewer session for GET /api/v1/sessions: everything the session reports."""
+    return session.stats()
