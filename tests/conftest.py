@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -209,6 +211,18 @@ async def session_count(relay: RelayProcess) -> int:
         async with http.get(relay.http + "/api/v1/sessions") as resp:
             data = await resp.json()
     return len(data["sessions"])
+
+
+def inproc_config(**rtc: Any) -> Any:
+    """A Config for a relay inside the test process, on loopback and free ports."""
+    from srsrelay.config import Config, HttpConfig, LogConfig, RtcConfig, RtmpConfig
+
+    return Config(
+        log=LogConfig(format="json"),
+        rtmp=RtmpConfig(listen="127.0.0.1", port=0),
+        http=HttpConfig(listen="127.0.0.1", port=0),
+        rtc=dataclasses.replace(RtcConfig(), listen="127.0.0.1", port=0, **rtc),
+    )
 
 
 @pytest.fixture

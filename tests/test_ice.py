@@ -74,6 +74,16 @@ def test_bad_integrity_gets_no_response() -> None:
     assert session.remote_addr is None
 
 
+def test_bad_fingerprint_gets_no_response() -> None:
+    agent, session = setup()
+    _, data = make_request(f"{session.ufrag}:them", session.pwd.encode())
+    corrupted = data[:-1] + bytes([data[-1] ^ 0xFF])  # last byte of the CRC-32
+    assert agent.handle(corrupted, VIEWER, now=1.0) is None
+    assert agent.drops[StunDrop.BAD_FINGERPRINT] == 1
+    assert agent.drops[StunDrop.MALFORMED] == 0
+    assert session.remote_addr is None
+
+
 def test_unknown_ufrag_gets_no_response() -> None:
     agent, session = setup()
     _, data = make_request("nobody:them", session.pwd.encode())
@@ -109,11 +119,9 @@ def test_non_binding_request_gets_no_response() -> None:
 def test_malformed_gets_no_response() -> None:
     agent, session = setup()
     _, data = make_request(f"{session.ufrag}:them", session.pwd.encode())
-    corrupted = data[:-1] + bytes([data[-1] ^ 1])  # FINGERPRINT mismatch
-    assert agent.handle(corrupted, VIEWER, now=1.0) is None
     assert agent.handle(b"\x00\x01", VIEWER, now=1.0) is None
     assert agent.handle(data[:-4], VIEWER, now=1.0) is None  # length mismatch
-    assert agent.drops[StunDrop.MALFORMED] == 3
+    assert agent.drops[StunDrop.MALFORMED] == 2
 
 
 def test_removed_session_is_unknown() -> None:

@@ -118,3 +118,36 @@ class WhepViewer:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def _play_until_signalled(url: str) -> None:
+    """Play `url` and print one JSON line when connected; SIGTERM closes cleanly."""
+    import json
+    import signal
+
+    base, path = _split(url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    # force_close: no keep-alive connection left open on the relay while playing.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+        viewer = WhepViewer(base, path)
+        await viewer.start(http)
+        while not viewer.result.video_pts:
+            await asyncio.sleep(0.05)
+        print(json.dumps({"location": viewer.result.location}), flush=True)
+        await stop.wait()
+        await viewer.close()
+        print(json.dumps({"frames": len(viewer.result.video_pts)}), flush=True)
+
+
+def _split(url: str) -> tuple[str, str]:
+    scheme, _, rest = url.partition("://")
+    host, _, path = rest.partition("/")
+    return f"{scheme}://{host}", "/" + path
+
+
+if __name__ == "__main__":
+    import sys
+
+    asyncio.run(_play_until_signalled(sys.argv[1]))

@@ -39,6 +39,7 @@ class StunDrop(enum.Enum):
     UNKNOWN_UFRAG = "unknown_ufrag"
     WRONG_REMOTE_UFRAG = "wrong_remote_ufrag"
     BAD_INTEGRITY = "bad_integrity"
+    BAD_FINGERPRINT = "bad_fingerprint"
 
 
 class IceSession:
@@ -118,7 +119,12 @@ class IceLite:
             return None
         try:
             request = stun.parse_message(data)
-        except (ValueError, struct.error, IndexError):
+        except ValueError as exc:
+            # aioice checks FINGERPRINT (RFC 8489 section 14.7) while parsing.
+            bad_crc = "fingerprint" in str(exc)
+            self._drop(StunDrop.BAD_FINGERPRINT if bad_crc else StunDrop.MALFORMED)
+            return None
+        except (struct.error, IndexError):
             self._drop(StunDrop.MALFORMED)
             return None
         if (
