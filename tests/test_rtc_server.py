@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
 import socket
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, replace
@@ -13,6 +14,8 @@ from unittest import mock
 import aioice.ice
 import av
 import pytest
+import structlog.testing
+from aioice import stun
 from aiortc import (
     RTCConfiguration,
     RTCPeerConnection,
@@ -26,6 +29,7 @@ from srsrelay.config import RtcConfig
 from srsrelay.hub import h264
 from srsrelay.hub.frames import MediaKind, RtpFrame
 from srsrelay.webrtc.sdp import OfferError
+from srsrelay.webrtc.sendpath import TrafficKind
 from srsrelay.webrtc.server import RecvCount, RtcServer
 from srsrelay.webrtc.viewer import FrameReader, SessionState
 
@@ -361,3 +365,64 @@ async def test_viewer_on_non_loopback_address_reaches_loopback_listener(
     finally:
         await pc.close()
         await srv.stop()
+
+
+async def test_start_logs_effective_socket_buffers() -> None:
+    srv = RtcServer(RtcConfig(listen="127.0.0.1", port=0, sndbuf=16384))
+    with structlog.testing.capture_logs() as logs:
+        await srv.start()
+        await srv.stop()
+    listening = next(e for e in logs if e["event"] == "rtc listening")
+    assert listening["sndbuf"] == 2 * 16384  # socket(7): Linux doubles SO_SNDBUF
+    assert listening["control_queue"] == 256
+    stats = srv.stats()["send_path"]
+    assert stats["control_queue_limit"] == 256 and stats["blocked"] is False
+
+
+def binding_request(session_ufrag: str, remote_ufrag: str, pwd: str) -> bytes:
+    msg = stun.Message(
+        stun.Method.BINDING,
+        stun.Class.REQUEST,
+        attributes={
+            "USERNAME": f"{session_ufrag}:{remote_ufrag}",
+            "PRIORITY": 1853817087,
+            "ICE-CONTROLLING": 1,
+            "USE-CANDIDATE": None,
+        },
+    )
+    msg.add_message_integrity(pwd.encode())
+    msg.add_fingerprint()
+    return bytes(msg)
+
+
+async def test_icmp_error_of_vanished_viewer_is_drained_and_attributed(
+    server: RtcServer, media: tuple[list[RtpFrame], list[bytes], str]
+) -> None:
+    stream = FakeStream(media[2])
+    with loopback_only():
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        try:
+            session = server.create_session(await make_offer(pc), stream)
+        finally:
+            await pc.close()
+    request = binding_request(session.ice.ufrag, session.offer.ice_ufrag, session.ice.pwd)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as viewer:
+        viewer.bind(("127.0.0.1", 0))
+        viewer_addr = viewer.getsockname()
+        viewer.sendto(request, ("127.0.0.1", server.port))
+    # The viewer is gone before the relay answers: the answer draws a port unreachable.
+    for _ in range(200):
+        if server.stats()["send_path"]["errqueue_drained"]:
+            break
+        await asyncio.sleep(0.01)
+    stats = server.stats()["send_path"]
+    assert stats["errqueue_drained"] == 1
+    assert stats["icmp_errors"] == {"ECONNREFUSED": 1}
+    assert stats["icmp_unattributed"] == 0
+    assert session.ice.remote_addr == viewer_addr
+    assert session.counters.icmp_errors == 1
+    assert session.stats()["send"]["icmp_errors"] == 1
+    assert session.counters.kinds[TrafficKind.STUN].sent == 1
+    # Drained: the socket no longer polls readable, so the event loop does not spin.
+    assert server._sock is not None
+    assert select.select([server._sock], [], [server._sock], 0) == ([], [], [])

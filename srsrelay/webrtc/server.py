@@ -104,7 +104,12 @@ class RtcServer:
         sock.setblocking(False)
         self._sock = sock
         self._port = sock.getsockname()[1]
-        self._send_path = SendPath(sock, self.counters)
+        self._send_path = SendPath(
+            sock,
+            self.counters,
+            control_queue=self.config.control_queue,
+            counters_for=self._counters_for,
+        )
         self._certificate = generate_certificate()
         asyncio.get_running_loop().add_reader(sock.fileno(), self._on_readable)
         log.info(
@@ -112,6 +117,9 @@ class RtcServer:
             listen=self.config.listen,
             port=self._port,
             candidates=",".join(self.config.candidates),
+            sndbuf=sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
+            rcvbuf=sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
+            control_queue=self.config.control_queue,
         )
 
     async def stop(self) -> None:
@@ -127,6 +135,9 @@ class RtcServer:
         self._sessions.clear()
         self._by_ufrag.clear()
         self._by_addr.clear()
+        if self._send_path is not None:
+            # Whatever is still queued (blocked socket) is dropped and counted, not awaited.
+            self._send_path.close()
         if self._sock is not None:
             asyncio.get_running_loop().remove_reader(self._sock.fileno())
             self._sock.close()
@@ -185,6 +196,10 @@ class RtcServer:
         if addr is not None and self._by_addr.get(addr) is session:
             del self._by_addr[addr]
 
+    def _counters_for(self, addr: tuple[str, int]) -> SendCounters | None:
+        session = self._by_addr.get(addr)
+        return session.counters if session is not None else None
+
     def stats(self) -> dict[str, Any]:
         return {
             "port": self._port,
@@ -192,21 +207,28 @@ class RtcServer:
             "received": {c.value: n for c, n in self.received.items()},
             "stun_dropped": {d.value: n for d, n in self._ice.drops.items()},
             "send": self.counters.snapshot(),
+            "send_path": self._send_path.stats() if self._send_path is not None else None,
         }
 
     # -- receive loop --------------------------------------------------------------
 
     def _on_readable(self) -> None:
         sock = self._sock
-        if sock is None:
+        send_path = self._send_path
+        if sock is None or send_path is None:
             return
+        # With IP_RECVERR, a non-empty error queue keeps the fd readable (EPOLLERR):
+        # drain it on every wakeup or the loop spins.
+        send_path.drain_errqueue()
         for _ in range(MAX_DATAGRAMS_PER_WAKEUP):
             try:
                 data, addr = sock.recvfrom(RECV_SIZE)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
+                # A pending ICMP error (e.g. ECONNREFUSED) surfaces here once.
                 self.received[RecvCount.SOCKET_ERRORS] += 1
+                send_path.drain_errqueue()
                 continue
             if not data:
                 continue
