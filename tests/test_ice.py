@@ -157,3 +157,20 @@ def test_consent_expiry() -> None:
     assert session.consent_expired(now=40.1, timeout=30.0)
     session.on_binding(VIEWER, use_candidate=False, now=40.0)
     assert not session.consent_expired(now=40.1, timeout=30.0)
+
+
+def test_restart_replaces_credentials_and_allows_a_new_address() -> None:
+    agent, session = setup()
+    _, data = make_request(f"{session.ufrag}:them", session.pwd.encode(), use_candidate=True)
+    assert agent.handle(data, VIEWER, now=1.0) is not None
+    old = (session.ufrag, session.pwd)
+    agent.restart(session, remote_ufrag="them2")
+    assert (session.ufrag, session.pwd) != old
+    assert session.generation == 1
+    _, stale = make_request(f"{old[0]}:them", old[1].encode())
+    assert agent.handle(stale, OTHER, now=2.0) is None
+    assert agent.drops[StunDrop.UNKNOWN_UFRAG] == 1
+    _, fresh = make_request(f"{session.ufrag}:them2", session.pwd.encode())
+    answered = agent.handle(fresh, OTHER, now=3.0)
+    assert answered is not None and answered.address_changed
+    assert session.remote_addr == OTHER

@@ -426,3 +426,35 @@ async def test_icmp_error_of_vanished_viewer_is_drained_and_attributed(
     # Drained: the socket no longer polls readable, so the event loop does not spin.
     assert server._sock is not None
     assert select.select([server._sock], [], [server._sock], 0) == ([], [], [])
+
+
+async def test_ice_restart_takes_new_credentials_and_keeps_dtls(
+    server: RtcServer, media: tuple[list[RtpFrame], list[bytes], str]
+) -> None:
+    stream = FakeStream(media[2])
+    with loopback_only():
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        try:
+            session = server.create_session(await make_offer(pc), stream)
+        finally:
+            await pc.close()
+    old_ufrag, old_pwd = session.ice.ufrag, session.ice.pwd
+    ufrag, pwd = server.restart_ice(session.id, "newremote", "newremotepassword12345")
+    assert (ufrag, pwd) == (session.ice.ufrag, session.ice.pwd)
+    assert ufrag != old_ufrag and pwd != old_pwd
+    assert session.ice.generation == 1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as viewer:
+        viewer.bind(("127.0.0.1", 0))
+        viewer.settimeout(2)
+        # Old credentials are gone; the new ones are answered.
+        viewer.sendto(
+            binding_request(old_ufrag, session.offer.ice_ufrag, old_pwd), ("127.0.0.1", server.port)
+        )
+        viewer.sendto(binding_request(ufrag, "newremote", pwd), ("127.0.0.1", server.port))
+        loop = asyncio.get_running_loop()
+        response = stun.parse_message(await loop.run_in_executor(None, viewer.recv, 2048))
+        assert response.message_class == stun.Class.RESPONSE
+        assert session.ice.remote_addr == viewer.getsockname()
+    assert server.stats()["stun_dropped"]["unknown_ufrag"] == 1
+    with pytest.raises(KeyError):
+        server.restart_ice("no-such-session", "x", "y")

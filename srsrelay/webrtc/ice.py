@@ -60,6 +60,8 @@ class IceSession:
         """`now` of the last valid request from `remote_addr`."""
         self.requests = 0
         """Valid Binding requests answered."""
+        self.generation = 0
+        """ICE restarts so far (RFC 8445 section 9); part of the WHEP resource's ETag."""
 
     def on_binding(self, addr: tuple[str, int], use_candidate: bool, now: float) -> bool:
         """Record a valid request; returns True if `remote_addr` changed."""
@@ -105,6 +107,20 @@ class IceLite:
 
     def remove(self, ufrag: str) -> None:
         self._sessions.pop(ufrag, None)
+
+    def restart(self, session: IceSession, remote_ufrag: str) -> None:
+        """ICE restart (RFC 8445 section 9): new credentials on both sides.
+
+        The current remote address keeps receiving media until a check with the new
+        credentials arrives; the first such check may move it, nominated or not.
+        """
+        self._sessions.pop(session.ufrag, None)
+        session.ufrag = random_ice_string(UFRAG_LENGTH)
+        session.pwd = random_ice_string(PWD_LENGTH)
+        session.remote_ufrag = remote_ufrag
+        session.nominated = False
+        session.generation += 1
+        self._sessions[session.ufrag] = session
 
     def __contains__(self, ufrag: str) -> bool:
         return ufrag in self._sessions

@@ -181,6 +181,20 @@ class RtcServer:
         )
         return session
 
+    def restart_ice(self, session_id: str, remote_ufrag: str, remote_pwd: str) -> tuple[str, str]:
+        """ICE restart of one session; returns our new (ufrag, pwd).
+
+        DTLS and SRTP carry on (RFC 8445 section 9 restarts ICE only). As an ICE-lite
+        agent we never send checks, so the viewer's new password is not needed.
+        Raises KeyError for an unknown session.
+        """
+        session = self._sessions[session_id]
+        self._by_ufrag.pop(session.ice.ufrag, None)
+        self._ice.restart(session.ice, remote_ufrag)
+        self._by_ufrag[session.ice.ufrag] = session
+        log.info("ice restart", viewer=session_id, generation=session.ice.generation)
+        return session.ice.ufrag, session.ice.pwd
+
     async def close_session(self, session_id: str, reason: str) -> bool:
         session = self._sessions.get(session_id)
         if session is None:
