@@ -175,7 +175,7 @@ def test_answer_for_chrome_offer() -> None:
         "a=end-of-candidates",
     ):
         assert expected in video, expected
-    assert "rtx" not in answer  # retransmission is not answered yet
+    assert "rtx" not in answer  # no RTX SSRC given: retransmissions go out plainly
     audio = answer[answer.index("m=audio") :].split("\r\n")
     assert "a=rtpmap:111 opus/48000/2" in audio
     assert "a=ssrc:2222 cname:cname0" in audio
@@ -190,6 +190,24 @@ def test_answer_with_rtx() -> None:
     assert "a=rtpmap:107 rtx/90000\r\n" in answer
     assert "a=fmtp:107 apt=106\r\n" in answer
     assert "a=ssrc-group:FID 1111 3333\r\n" in answer
+    video = answer[answer.index("m=video") : answer.index("m=audio")].split("\r\n")
+    # Both SSRCs belong to the one video track (RFC 4588 section 8.3, RFC 5576).
+    for ssrc in (1111, 3333):
+        assert f"a=ssrc:{ssrc} cname:cname0" in video
+        assert f"a=ssrc:{ssrc} msid:stream0 stream0-video" in video
+    assert video.index("a=ssrc-group:FID 1111 3333") < video.index("a=ssrc:1111 cname:cname0")
+    assert "a=rtcp-fb:107 nack" not in video  # feedback is about the media payload type
+    audio = answer[answer.index("m=audio") :]
+    assert "3333" not in audio and "rtx" not in audio
+
+
+def test_offer_without_rtx_gets_no_rtx_even_with_an_rtx_ssrc() -> None:
+    sdp = re.sub(r"a=rtpmap:107 rtx/90000\r?\na=fmtp:107 apt=106\r?\n", "", CHROME)
+    offer = parse_offer(sdp, profile_level_id="42e01f")
+    assert offer.video is not None and offer.video.rtx_payload_type is None
+    answer = build_answer(offer, dataclasses.replace(PARAMS, video_rtx_ssrc=3333))
+    assert "m=video 8000 UDP/TLS/RTP/SAVPF 106\r\n" in answer
+    assert "rtx" not in answer and "FID" not in answer and "3333" not in answer
 
 
 def test_unusable_m_lines_are_rejected_in_order() -> None:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import re
 import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -19,13 +22,16 @@ from aiortc.rtp import (
     RtcpSdesPacket,
     RtcpSrPacket,
     RtpPacket,
+    pack_remb_fci,
 )
 
 from srsrelay.config import RtcConfig
 from srsrelay.hub.frames import MediaKind, RtpFrame
+from srsrelay.webrtc.congestion import CLEAR_AFTER, REPORT_MAX_AGE, CongestionState
 from srsrelay.webrtc.dtls import DtlsSrtp, generate_certificate
+from srsrelay.webrtc.nack import ntp_middle32
 from srsrelay.webrtc.sdp import parse_offer
-from srsrelay.webrtc.sendpath import SendPath
+from srsrelay.webrtc.sendpath import SendCounters, SendOutcome, SendPath, TrafficKind
 from srsrelay.webrtc.viewer import (
     FrameReader,
     SessionState,
@@ -159,12 +165,54 @@ class Browser:
         return [p for p in parsed if pt is None or p.payload_type == pt]
 
 
+class ScriptedSendPath(SendPath):
+    """A real send path whose media datagrams can be lost on the way, refused, or blocked."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock)
+        self.media_sends = 0
+        self.lose: set[int] = set()
+        """Media sends (1-based) that report SENT but never leave: loss in the network."""
+        self.refuse: set[int] = set()
+        """Media sends (1-based) the kernel refuses (ENOBUFS)."""
+        self.force_blocked = False
+
+    @property
+    def blocked(self) -> bool:
+        return self.force_blocked or super().blocked
+
+    def send(
+        self, data: bytes, addr: tuple[str, int], kind: TrafficKind, counters: SendCounters
+    ) -> SendOutcome:
+        if kind is TrafficKind.MEDIA:
+            self.media_sends += 1
+            if self.media_sends in self.lose:
+                counters.record(kind, SendOutcome.SENT, len(data))
+                return SendOutcome.SENT
+            if self.media_sends in self.refuse:
+                counters.record(kind, SendOutcome.DROPPED_NO_BUFFER, len(data))
+                return SendOutcome.DROPPED_NO_BUFFER
+        return super().send(data, addr, kind, counters)
+
+
+class SkewClock:
+    """time.monotonic() plus an offset a test can move forward."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.offset
+
+
 @dataclass
 class Rig:
     stream: FakeStream
     session: ViewerSession
     browser: Browser
     closed: list[ViewerSession]
+    send_path: SendPath
+    clock: SkewClock
 
 
 async def _settle(seconds: float = 0.05) -> None:
@@ -173,25 +221,32 @@ async def _settle(seconds: float = 0.05) -> None:
 
 @contextlib.asynccontextmanager
 async def make_rig(
-    config: RtcConfig, connect: bool = True, cached: list[RtpFrame] | None = None
+    config: RtcConfig,
+    connect: bool = True,
+    cached: list[RtpFrame] | None = None,
+    offer_sdp: str = OFFER,
+    send_path_type: type[SendPath] = SendPath,
 ) -> AsyncIterator[Rig]:
     cert = generate_certificate()
     server_fp = [(f.algorithm, f.value) for f in cert.getFingerprints()]
     browser = Browser(server_fp)
     fp = browser.fingerprints[0][1]
-    offer = parse_offer(OFFER.format(fp=fp), profile_level_id="42e01f")
+    offer = parse_offer(offer_sdp.format(fp=fp), profile_level_id="42e01f")
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
     stream = FakeStream()
     closed: list[ViewerSession] = []
+    send_path = send_path_type(sock)
+    clock = SkewClock()
     session = ViewerSession(
         stream=stream,
         offer=offer,
         config=config,
-        send_path=SendPath(sock),
+        send_path=send_path,
         certificate=cert,
         port=sock.getsockname()[1],
         on_closed=closed.append,
+        clock=clock,
     )
     browser.session = session
     stream.add_reader(session)
@@ -211,7 +266,7 @@ async def make_rig(
             await asyncio.sleep(0.01)
         assert session.state is SessionState.CONNECTED
     try:
-        yield Rig(stream, session, browser, closed)
+        yield Rig(stream, session, browser, closed, send_path, clock)
     finally:
         await session.close("test over")
         await browser.stop()
@@ -420,3 +475,278 @@ async def test_viewer_dtls_close_notify_closes_session(rig: Rig) -> None:
     await rig.browser.dtls.stop()
     await _wait(lambda: rig.session.state is SessionState.CLOSED)
     assert rig.session.close_reason == "dtls closed by viewer"
+
+
+# -- NACK, RTX, keyframe requests, congestion -------------------------------------
+
+OFFER_NO_RTX = OFFER.replace(" 102 103\r\n", " 102\r\n").replace(
+    "a=rtpmap:103 rtx/90000\r\na=fmtp:103 apt=102\r\n", ""
+)
+GENEROUS = RtcConfig(retransmit_budget=1.0)
+
+
+def _feedback(rig: Rig, *packets: bytes) -> None:
+    rig.session.handle_rtcp(rig.browser.dtls.protect_rtcp(b"".join(packets)))
+
+
+def _nack(rig: Rig, seqs: list[int], ssrc: int | None = None) -> bytes:
+    assert rig.session.video is not None
+    media_ssrc = rig.session.video.ssrc if ssrc is None else ssrc
+    return bytes(RtcpRtpfbPacket(fmt=1, ssrc=1, media_ssrc=media_ssrc, lost=sorted(seqs)))
+
+
+def _pli(rig: Rig) -> bytes:
+    assert rig.session.video is not None
+    return bytes(RtcpPsfbPacket(fmt=1, ssrc=1, media_ssrc=rig.session.video.ssrc))
+
+
+def _rr(rig: Rig, fraction_lost: int, lsr: int = 0, dlsr: int = 0) -> bytes:
+    assert rig.session.video is not None
+    block = RtcpReceiverInfo(
+        ssrc=rig.session.video.ssrc,
+        fraction_lost=fraction_lost,
+        packets_lost=0,
+        highest_sequence=0,
+        jitter=0,
+        lsr=lsr,
+        dlsr=dlsr,
+    )
+    return bytes(RtcpRrPacket(ssrc=1, reports=[block]))
+
+
+async def test_answer_offers_rtx_on_its_own_ssrc(rig: Rig) -> None:
+    s = rig.session
+    assert s.video is not None and s.rtx_ssrc is not None and s.rtx_ssrc != s.video.ssrc
+    assert re.search(r"\r\nm=video \d+ UDP/TLS/RTP/SAVPF 102 103\r\n", s.answer_sdp)
+    assert "a=rtpmap:103 rtx/90000\r\n" in s.answer_sdp
+    assert "a=fmtp:103 apt=102\r\n" in s.answer_sdp
+    assert f"a=ssrc-group:FID {s.video.ssrc} {s.rtx_ssrc}\r\n" in s.answer_sdp
+    assert f"a=ssrc:{s.rtx_ssrc} cname:{s.cname}\r\n" in s.answer_sdp
+    assert s.stats()["nack"]["rtx"] is True
+
+
+async def test_lost_packets_are_resent_as_rtx() -> None:
+    async with make_rig(GENEROUS, send_path_type=ScriptedSendPath) as rig:
+        assert isinstance(rig.send_path, ScriptedSendPath) and rig.session.video is not None
+        rig.send_path.lose = {2, 5}  # the middle packet of each frame never arrives
+        first_seq = rig.session.video.seq
+        rig.stream.push(video(0, keyframe=True))
+        rig.stream.push(video(1))
+        await _wait(lambda: len(rig.browser.packets(102)) == 4)
+        lost = [first_seq + 1, first_seq + 4]
+        _feedback(rig, _nack(rig, [q & 0xFFFF for q in lost]))
+        await _wait(lambda: len(rig.browser.packets(103)) == 2)
+        rtx = rig.browser.packets(103)
+        for packet, seq, frame in zip(rtx, lost, (0, 1), strict=True):
+            assert packet.ssrc == rig.session.rtx_ssrc
+            assert packet.payload[:2] == struct.pack("!H", seq & 0xFFFF)  # OSN
+            assert packet.payload[2:] == bytes([frame]) * 100
+            assert packet.marker == 0
+            assert (packet.timestamp - rig.session.video.ts_offset) & 0xFFFFFFFF == frame * 3000
+        assert (rtx[1].sequence_number - rtx[0].sequence_number) & 0xFFFF == 1
+        nack = rig.session.stats()["nack"]
+        assert (nack["received"], nack["requested"], nack["retransmitted"]) == (1, 2, 2)
+        assert rig.session.stats()["send"]["kinds"]["retransmit"]["sent"] == 2
+        # The same request again at once is within one RTT.
+        _feedback(rig, _nack(rig, [lost[0] & 0xFFFF]))
+        assert rig.session.stats()["nack"]["too_soon"] == 1
+
+
+async def test_without_rtx_the_original_packet_is_resent() -> None:
+    async with make_rig(GENEROUS, offer_sdp=OFFER_NO_RTX, send_path_type=ScriptedSendPath) as rig:
+        assert isinstance(rig.send_path, ScriptedSendPath) and rig.session.video is not None
+        assert rig.session.rtx_ssrc is None and "rtx" not in rig.session.answer_sdp
+        rig.send_path.lose = {3}
+        last_seq = (rig.session.video.seq + 2) & 0xFFFF
+        rig.stream.push(video(0, keyframe=True))
+        await _wait(lambda: len(rig.browser.packets(102)) == 2)
+        _feedback(rig, _nack(rig, [last_seq]))
+        await _wait(lambda: len(rig.browser.packets(102)) == 3)
+        resent = rig.browser.packets(102)[-1]
+        assert (resent.sequence_number, resent.ssrc) == (last_seq, rig.session.video.ssrc)
+        assert resent.marker == 1 and resent.payload == bytes([0]) * 100
+        assert rig.session.stats()["nack"]["rtx"] is False
+
+
+async def test_nack_storm_is_held_to_the_retransmit_budget(rig: Rig) -> None:
+    video_track = rig.session.video
+    assert video_track is not None
+    for i in range(60):
+        first = video_track.seq
+        rig.stream.push(video(i, keyframe=i == 0, packets=4, size=1000))
+        # Every packet is asked for, twice.
+        seqs = [(first + k) & 0xFFFF for k in range(4)]
+        _feedback(rig, _nack(rig, seqs), _nack(rig, seqs))
+        await asyncio.sleep(0)
+    media_bytes = video_track.octets + 12 * video_track.packets
+    nack = rig.session.stats()["nack"]
+    assert nack["requested"] == 480
+    assert 0 < nack["retransmitted_bytes"] <= 0.15 * media_bytes
+    assert nack["over_budget"] > 0 and nack["too_soon"] > 0
+    assert nack["retransmitted"] + nack["over_budget"] + nack["too_soon"] == 480
+    kinds = rig.session.stats()["send"]["kinds"]
+    assert kinds["retransmit"]["attempted"] == nack["retransmitted"]
+
+
+async def test_bad_rtcp_is_counted_and_the_viewer_keeps_being_served(rig: Rig) -> None:
+    video_track = rig.session.video
+    assert video_track is not None
+    rig.stream.push(video(0, keyframe=True))
+    newest = (video_track.seq - 1) & 0xFFFF
+    protect = rig.browser.dtls.protect_rtcp
+    rig.session.handle_rtcp(protect(b"\x80\xc9\x00\x09" + bytes(8)))  # length past the end
+    rig.session.handle_rtcp(protect(b"\x80\xc9\x00\x01" + bytes(4) + b"\xff\xff"))
+    rig.session.handle_rtcp(b"\x80\xc9" + bytes(1600))  # oversized
+    rig.session.handle_rtcp(bytes(30))  # not SRTCP at all
+    _feedback(rig, _nack(rig, [1, 2], ssrc=999))  # not our SSRC
+    _feedback(rig, bytes(RtcpPsfbPacket(fmt=1, ssrc=1, media_ssrc=999)))
+    _feedback(rig, _nack(rig, [(newest + 1) & 0xFFFF, (newest - 30000) & 0xFFFF]))
+    stats = rig.session.stats()
+    assert stats["rtcp"]["malformed"] == 2
+    assert stats["rtcp"]["oversized"] == 1
+    assert stats["rtcp"]["undecryptable"] == 1
+    assert stats["rtcp"]["unknown_ssrc"] == 2
+    assert stats["nack"]["not_found"] == 2 and stats["nack"]["retransmitted"] == 0
+    rig.stream.push(video(1))
+    await _wait(lambda: len(video_timestamps(rig)) == 2)
+    assert rig.session.state is SessionState.CONNECTED
+
+
+async def test_rtt_from_receiver_report(rig: Rig) -> None:
+    rig.stream.push(video(0, keyframe=True))
+    rig.session.send_sender_reports()
+    await _wait(lambda: any(d[1] == 200 for d in rig.browser.rtcp))
+    sr = next(
+        p for d in rig.browser.rtcp for p in RtcpPacket.parse(d) if isinstance(p, RtcpSrPacket)
+    )
+    assert rig.session.stats()["nack"]["rtt_measured"] is False
+    _feedback(rig, _rr(rig, 0, lsr=ntp_middle32(sr.sender_info.ntp_timestamp), dlsr=0))
+    nack = rig.session.stats()["nack"]
+    assert nack["rtt_measured"] is True
+    assert 0 <= nack["rtt_ms"] < 500
+
+
+async def test_pli_replays_a_fresh_cached_gop(rig: Rig) -> None:
+    rig.stream.push(video(0, keyframe=True))
+    rig.stream.push(video(1))
+    await _wait(lambda: len(video_timestamps(rig)) == 2)
+    _feedback(rig, _pli(rig))
+    await _wait(lambda: len(video_timestamps(rig)) == 4)
+    assert video_timestamps(rig) == [0, 3000, 0, 3000]
+    _feedback(rig, _pli(rig))  # within keyframe_request_interval
+    await _wait(lambda: not rig.session.catching_up)
+    assert rig.session.stats()["keyframe"] == {
+        "requests": 2,
+        "answered_from_cache": 1,
+        "waited_for_idr": 0,
+        "ignored": 1,
+    }
+
+
+async def test_pli_with_a_stale_cache_waits_for_the_next_idr(rig: Rig) -> None:
+    old = time.monotonic() - 5
+    rig.stream.push(dataclasses.replace(video(0, keyframe=True), received_at=old))
+    rig.stream.push(video(1))
+    await _wait(lambda: len(video_timestamps(rig)) == 2)
+    _feedback(rig, _pli(rig))
+    rig.stream.push(video(2))  # the viewer cannot decode it: held back
+    rig.stream.push(video(3, keyframe=True))
+    rig.stream.push(audio(0))
+    await _wait(lambda: len(rig.browser.packets(111)) == 1)
+    await _wait(lambda: len(video_timestamps(rig)) == 3)
+    assert video_timestamps(rig) == [0, 3000, 9000]
+    stats = rig.session.stats()
+    assert stats["keyframe"]["waited_for_idr"] == 1
+    assert stats["congestion"]["frames_dropped"]["awaiting_keyframe"] == 1
+
+
+async def test_fir_and_remb(rig: Rig) -> None:
+    assert rig.session.video is not None
+    fci = struct.pack("!IB3x", rig.session.video.ssrc, 1)
+    _feedback(rig, bytes(RtcpPsfbPacket(fmt=4, ssrc=1, media_ssrc=0, fci=fci)))
+    other = struct.pack("!IB3x", 4242, 1)
+    _feedback(rig, bytes(RtcpPsfbPacket(fmt=4, ssrc=1, media_ssrc=0, fci=other)))
+    remb = pack_remb_fci(1_500_000, [rig.session.video.ssrc])
+    _feedback(rig, bytes(RtcpPsfbPacket(fmt=15, ssrc=1, media_ssrc=0, fci=remb)))
+    stats = rig.session.stats()
+    assert (stats["rtcp"]["firs"], stats["rtcp"]["unknown_ssrc"]) == (2, 1)
+    assert stats["keyframe"]["requests"] == 1
+    assert stats["keyframe"]["waited_for_idr"] == 1  # nothing cached
+    assert stats["rtcp"]["rembs"] == 1
+    assert abs(stats["rtcp"]["last_remb"] - 1_500_000) < 2000
+
+
+async def test_congested_viewer_drops_whole_video_frames_audio_flows(rig: Rig) -> None:
+    rig.stream.push(video(0, keyframe=True))
+    await _wait(lambda: len(video_timestamps(rig)) == 1)
+    _feedback(rig, _rr(rig, fraction_lost=128))
+    assert rig.session.check_congestion(rig.clock()) == ""
+    assert rig.session.congestion.state is CongestionState.CONGESTED
+    rig.stream.push(video(1))
+    rig.stream.push(audio(1))
+    rig.stream.push(video(2, keyframe=True))  # even a keyframe waits for the state to clear
+    await _wait(lambda: len(rig.browser.packets(111)) == 1)
+    stats = rig.session.stats()["congestion"]
+    assert stats["state"] == "congested" and stats["loss"] == 0.5
+    assert stats["frames_dropped"]["congestion"] == 2
+    # The report goes stale, then calm must last CLEAR_AFTER seconds.
+    rig.clock.offset += REPORT_MAX_AGE + 0.5
+    rig.session.check_congestion(rig.clock())
+    rig.clock.offset += CLEAR_AFTER
+    rig.session.check_congestion(rig.clock())
+    assert rig.session.congestion.state is CongestionState.OK
+    rig.stream.push(video(3))  # not a keyframe: the GOP has a gap
+    rig.stream.push(video(4, keyframe=True))
+    rig.stream.push(video(5))
+    await _wait(lambda: len(video_timestamps(rig)) == 3)
+    assert video_timestamps(rig) == [0, 12000, 15000]
+    # Only whole frames went out: three packets each.
+    assert len(rig.browser.packets(102)) == 9
+
+
+async def test_blocked_send_path_drops_whole_frames_until_a_keyframe() -> None:
+    async with make_rig(RtcConfig(), send_path_type=ScriptedSendPath) as rig:
+        assert isinstance(rig.send_path, ScriptedSendPath)
+        rig.stream.push(video(0, keyframe=True))
+        rig.send_path.force_blocked = True
+        rig.stream.push(video(1))
+        rig.send_path.force_blocked = False
+        rig.stream.push(video(2))
+        rig.stream.push(video(3, keyframe=True))
+        await _wait(lambda: len(video_timestamps(rig)) == 2)
+        assert video_timestamps(rig) == [0, 9000]
+        dropped = rig.session.stats()["congestion"]["frames_dropped"]
+        assert (dropped["blocked"], dropped["awaiting_keyframe"]) == (1, 1)
+        assert rig.send_path.media_sends == 6  # nothing was tried for the blocked frame
+
+
+async def test_refused_packet_breaks_the_frame() -> None:
+    async with make_rig(RtcConfig(), send_path_type=ScriptedSendPath) as rig:
+        assert isinstance(rig.send_path, ScriptedSendPath)
+        rig.send_path.refuse = {2}
+        # One loop iteration: no congestion tick can run in between.
+        rig.stream.push(video(0, keyframe=True))  # packet 2 refused, packet 3 not tried
+        rig.stream.push(video(1))
+        rig.stream.push(video(2, keyframe=True))
+        await _wait(lambda: len(rig.browser.packets(102)) == 4)
+        assert video_timestamps(rig) == [6000]
+        dropped = rig.session.stats()["congestion"]["frames_dropped"]
+        assert (dropped["broken"], dropped["awaiting_keyframe"]) == (1, 1)
+        assert rig.send_path.media_sends == 5
+        # The refused datagram is a send drop: the viewer turns congested at the next tick.
+        rig.session.check_congestion(rig.clock())
+        assert rig.session.congestion.state is CongestionState.CONGESTED
+
+
+async def test_persistent_congestion_disconnects_with_a_reason() -> None:
+    async with make_rig(RtcConfig(overload_timeout=0.5)) as rig:
+        deadline = time.monotonic() + 5
+        while rig.session.state is not SessionState.CLOSED:
+            assert time.monotonic() < deadline
+            _feedback(rig, _rr(rig, fraction_lost=200))
+            await asyncio.sleep(0.1)
+        reason = rig.session.close_reason
+        assert reason is not None
+        assert reason.startswith("overloaded: congested for ")
+        assert "(loss 78% (rr 78%, nack 0%), send drops 0)" in reason
+        assert rig.closed == [rig.session]

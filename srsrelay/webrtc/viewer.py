@@ -3,6 +3,10 @@
 Frames arrive already packetized (once per stream); per viewer we only write a
 12-byte RTP header (RFC 3550 section 5.1) with this viewer's SSRC, sequence number,
 timestamp offset and payload type, apply SRTP and hand the datagram to the send path.
+
+RTCP from the viewer is answered inline: NACKs from the packet history (nack.py),
+PLI/FIR from the cached GOP or the next IDR (keyframe.py); reports, NACKs, REMB and
+send drops drive the congestion state (congestion.py), which drops whole video frames.
 """
 
 from __future__ import annotations
@@ -16,16 +20,29 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import pylibsrtp
 import structlog
 from aiortc import RTCCertificate
-from aiortc.rtp import RtcpPacket, RtcpPsfbPacket, RtcpRrPacket, RtcpRtpfbPacket, RtcpSrPacket
 
 from srsrelay.config import RtcConfig
 from srsrelay.hub.frames import AUDIO_CLOCK_RATE, VIDEO_CLOCK_RATE, MediaKind, RtpFrame
+from srsrelay.webrtc.congestion import CongestionMonitor, CongestionState
 from srsrelay.webrtc.dtls import DtlsSrtp, sha256_fingerprint
 from srsrelay.webrtc.ice import IceSession
+from srsrelay.webrtc.keyframe import KeyframeAnswer, KeyframeRequests
+from srsrelay.webrtc.nack import NackResponder, PacketHistory, rtp_packet, rtx_packet
+from srsrelay.webrtc.rtcp import (
+    MAX_RTCP_SIZE,
+    FirPacket,
+    NackPacket,
+    PliPacket,
+    RembPacket,
+    ReportPacket,
+    RtcpError,
+    parse_rtcp,
+)
 from srsrelay.webrtc.sdp import AnswerParams, Offer, build_answer
-from srsrelay.webrtc.sendpath import SendCounters, SendPath, TrafficKind
+from srsrelay.webrtc.sendpath import SendCounters, SendOutcome, SendPath, TrafficKind
 
 log = structlog.get_logger(__name__)
 
@@ -42,10 +59,6 @@ NTP_EPOCH_OFFSET = 2_208_988_800
 RTCP_SR = 200
 RTCP_SDES = 202
 RTCP_BYE = 203
-RTCP_RTPFB_NACK = 1
-RTCP_PSFB_PLI = 1
-RTCP_PSFB_FIR = 4
-RTCP_PSFB_APP = 15
 
 
 class FrameReader(Protocol):
@@ -107,9 +120,9 @@ def _random_ssrc() -> int:
 
 
 class TrackSender:
-    """RTP header state of one outgoing track of one viewer."""
+    """RTP header state of one outgoing track of one viewer, and what it sent."""
 
-    def __init__(self, kind: MediaKind, payload_type: int) -> None:
+    def __init__(self, kind: MediaKind, payload_type: int, history_size: int = 512) -> None:
         self.kind = kind
         self.payload_type = payload_type
         self.clock_rate = VIDEO_CLOCK_RATE if kind is MediaKind.VIDEO else AUDIO_CLOCK_RATE
@@ -122,20 +135,25 @@ class TrackSender:
         """RTP packets sent (for SR)."""
         self.octets = 0
         """RTP payload octets sent (for SR)."""
+        self.history = PacketHistory(history_size)
+        """The last packets, for NACKs (a reference to each payload, not a copy)."""
         self._header = bytearray(12)
 
     def packet(self, payload: bytes, timestamp: int, marker: bool) -> bytes:
+        seq = self.seq
+        wire_timestamp = (timestamp + self.ts_offset) & 0xFFFFFFFF
         struct.pack_into(
             "!BBHII",
             self._header,
             0,
             0x80,
             (0x80 if marker else 0) | self.payload_type,
-            self.seq,
-            (timestamp + self.ts_offset) & 0xFFFFFFFF,
+            seq,
+            wire_timestamp,
             self.ssrc,
         )
-        self.seq = (self.seq + 1) & 0xFFFF
+        self.history.put(seq, payload, wire_timestamp, marker)
+        self.seq = (seq + 1) & 0xFFFF
         self.packets += 1
         self.octets += len(payload)
         return bytes(self._header) + payload
@@ -162,11 +180,15 @@ class RtcpCounters:
     """RTCP received from the viewer."""
 
     packets: int = 0
-    """SRTCP datagrams authenticated and decrypted."""
+    """SRTCP datagrams authenticated, decrypted and parsed."""
     undecryptable: int = 0
     """SRTCP datagrams that failed authentication or arrived before the keys."""
+    oversized: int = 0
+    """Datagrams longer than MAX_RTCP_SIZE, dropped unread."""
     malformed: int = 0
-    """Decrypted datagrams that did not parse as RTCP."""
+    """Decrypted datagrams that did not parse as RTCP (bad framing, truncated)."""
+    unknown_ssrc: int = 0
+    """Feedback or report blocks about an SSRC that is not ours."""
     receiver_reports: int = 0
     """RR (or SR) packets."""
     nacks: int = 0
@@ -179,6 +201,8 @@ class RtcpCounters:
     """Full Intra Requests (RFC 5104)."""
     rembs: int = 0
     """Receiver Estimated Max Bitrate messages."""
+    last_remb: int = 0
+    """Bitrate of the latest REMB, bits per second."""
     rtp_dropped: int = 0
     """RTP datagrams from the viewer (we receive no media)."""
 
@@ -228,6 +252,7 @@ class ViewerSession:
         port: int,
         on_closed: Callable[[ViewerSession], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wallclock: Callable[[], float] = time.time,
     ) -> None:
         self.id = secrets.token_hex(8)
         self.stream = stream
@@ -236,14 +261,41 @@ class ViewerSession:
         self._send_path = send_path
         self._on_closed = on_closed
         self._clock = clock
+        self._wallclock = wallclock
         self.ice = IceSession(remote_ufrag=offer.ice_ufrag)
         self.counters = SendCounters(self.id, clock=clock)
         self.rtcp = RtcpCounters()
         self.receiver_reports: dict[MediaKind, ReceiverReport] = {}
         """Last report block per track (at most one per track)."""
-        self.video = TrackSender(MediaKind.VIDEO, offer.video.payload_type) if offer.video else None
-        self.audio = TrackSender(MediaKind.AUDIO, offer.audio.payload_type) if offer.audio else None
-        self._ssrc_kind = {t.ssrc: t.kind for t in (self.video, self.audio) if t is not None}
+        history = config.nack_history
+        self.video = (
+            TrackSender(MediaKind.VIDEO, offer.video.payload_type, history) if offer.video else None
+        )
+        self.audio = (
+            TrackSender(MediaKind.AUDIO, offer.audio.payload_type, history) if offer.audio else None
+        )
+        self._tracks = {t.ssrc: t for t in (self.video, self.audio) if t is not None}
+        # RFC 4588: retransmissions on their own SSRC and sequence numbers, when offered.
+        self.rtx_payload_type = offer.video.rtx_payload_type if offer.video else None
+        self.rtx_ssrc = _random_ssrc() if self.rtx_payload_type is not None else None
+        self._rtx_seq = secrets.randbits(16)
+        self.nack = NackResponder(config.retransmit_budget, rtx=self.rtx_ssrc is not None)
+        self.keyframes = KeyframeRequests(
+            config.keyframe_request_interval, config.keyframe_cache_age
+        )
+        self.congestion = CongestionMonitor(
+            config.congestion_loss, config.overload_timeout, clock()
+        )
+        self.frames_dropped: dict[str, int] = {
+            "congestion": 0,
+            "blocked": 0,
+            "broken": 0,
+            "awaiting_keyframe": 0,
+        }
+        """Video frames not sent, by reason (a frame whose send failed midway is "broken")."""
+        self.srtp_refused = 0
+        """Retransmissions libsrtp refused to protect (index outside its window)."""
+        self._media_drops_seen = 0
         self.cname = secrets.token_hex(8)
         self.answer_sdp = build_answer(
             offer,
@@ -257,6 +309,7 @@ class ViewerSession:
                 audio_ssrc=self.audio.ssrc if self.audio else _random_ssrc(),
                 cname=self.cname,
                 stream_id=secrets.token_hex(8),
+                video_rtx_ssrc=self.rtx_ssrc,
             ),
         )
         self._dtls = DtlsSrtp(
@@ -267,6 +320,7 @@ class ViewerSession:
         self._state = SessionState.NEW
         self._created_at = clock()
         self._catching_up = False
+        self._catchup_restart = False
         self._need_keyframe = True
         # Stream clock: stream time (ms) of the newest frame and when it arrived.
         self._clock_ms: float | None = None
@@ -317,36 +371,81 @@ class ViewerSession:
         self._dtls.feed(data)
 
     def handle_rtcp(self, data: bytes) -> None:
+        """One SRTCP datagram from the viewer; bad input is counted and ignored."""
+        if len(data) > MAX_RTCP_SIZE:
+            self.rtcp.oversized += 1
+            return
         plain = self._dtls.unprotect_rtcp(data)
         if plain is None:
             self.rtcp.undecryptable += 1
             return
         try:
-            packets = RtcpPacket.parse(plain)
-        except ValueError:
+            messages = parse_rtcp(plain)
+        except RtcpError:
             self.rtcp.malformed += 1
             return
         self.rtcp.packets += 1
         now = self._clock()
-        for p in packets:
-            if isinstance(p, RtcpRrPacket | RtcpSrPacket):
-                self.rtcp.receiver_reports += 1
-                for r in p.reports:
-                    kind = self._ssrc_kind.get(r.ssrc)
-                    if kind is not None:
-                        self.receiver_reports[kind] = ReceiverReport(
-                            r.fraction_lost, r.packets_lost, r.highest_sequence, r.jitter, now
-                        )
-            elif isinstance(p, RtcpRtpfbPacket) and p.fmt == RTCP_RTPFB_NACK:
-                self.rtcp.nacks += 1
-                self.rtcp.nacked_packets += len(p.lost)
-            elif isinstance(p, RtcpPsfbPacket):
-                if p.fmt == RTCP_PSFB_PLI:
-                    self.rtcp.plis += 1
-                elif p.fmt == RTCP_PSFB_FIR:
-                    self.rtcp.firs += 1
-                elif p.fmt == RTCP_PSFB_APP:
-                    self.rtcp.rembs += 1
+        for m in messages:
+            if isinstance(m, ReportPacket):
+                self._on_report(m, now)
+            elif isinstance(m, NackPacket):
+                self._on_nack(m, now)
+            elif isinstance(m, PliPacket):
+                self.rtcp.plis += 1
+                self._on_keyframe_request((m.media_ssrc,), now)
+            elif isinstance(m, FirPacket):
+                self.rtcp.firs += 1
+                # RFC 5104 section 4.3.1.2: the FCI, not the header, names the media SSRCs.
+                self._on_keyframe_request([ssrc for ssrc, _ in m.entries], now)
+            elif isinstance(m, RembPacket):
+                self.rtcp.rembs += 1
+                self.rtcp.last_remb = m.bitrate
+                self.congestion.on_remb(m.bitrate, now)
+
+    def _on_report(self, packet: ReportPacket, now: float) -> None:
+        self.rtcp.receiver_reports += 1
+        arrival = _ntp_timestamp(self._wallclock())
+        for r in packet.reports:
+            track = self._tracks.get(r.ssrc)
+            if track is None:
+                if r.ssrc != self.rtx_ssrc:
+                    self.rtcp.unknown_ssrc += 1
+                continue
+            self.receiver_reports[track.kind] = ReceiverReport(
+                r.fraction_lost, r.packets_lost, r.highest_sequence, r.jitter, now
+            )
+            self.nack.rtt.on_report(r.lsr, r.dlsr, arrival)
+            self.congestion.on_report(r.fraction_lost, now)
+
+    def _on_nack(self, packet: NackPacket, now: float) -> None:
+        self.rtcp.nacks += 1
+        self.rtcp.nacked_packets += len(packet.seqs)
+        track = self._tracks.get(packet.media_ssrc)
+        if track is None:
+            self.rtcp.unknown_ssrc += 1
+            return
+        decision = self.nack.on_nack(track.history, packet.seqs, now)
+        self.congestion.on_nack(decision.first_requests, now)
+        if decision.slots and self._state is SessionState.CONNECTED:
+            self._retransmit(track, decision.slots)
+
+    def _on_keyframe_request(self, media_ssrcs: Sequence[int], now: float) -> None:
+        video = self.video
+        if video is None or video.ssrc not in media_ssrcs:
+            self.rtcp.unknown_ssrc += 1
+            return
+        frames = self.stream.gop.frames
+        age = None
+        if frames and frames[0].kind is MediaKind.VIDEO and frames[0].keyframe:
+            age = now - frames[0].received_at
+        answer = self.keyframes.on_request(now, age)
+        if answer is KeyframeAnswer.IGNORED or self._state is not SessionState.CONNECTED:
+            return
+        if answer is KeyframeAnswer.FROM_CACHE:
+            self._start_catch_up()
+        else:
+            self._need_keyframe = True
 
     def handle_rtp(self, data: bytes) -> None:
         self.rtcp.rtp_dropped += 1
@@ -360,6 +459,7 @@ class ViewerSession:
         self._clock_at = frame.received_at
         if self._state is not SessionState.CONNECTED:
             return
+        self.congestion.on_offered(frame.size, self._clock())
         try:
             if video:
                 # While catching up, live video frames are also in the GOP cache.
@@ -381,23 +481,73 @@ class ViewerSession:
             self._send_path.send(data, addr, kind, self.counters)
 
     def _send_video(self, frame: RtpFrame) -> None:
+        """Send a whole video frame or none of it; after a gap, only from a keyframe."""
         assert self.video is not None
+        # Decided at the frame boundary: a partly sent frame is undecodable, and so is
+        # every frame after a gap until the next keyframe.
+        if self.congestion.state is CongestionState.CONGESTED:
+            self.frames_dropped["congestion"] += 1
+            self._need_keyframe = True
+            return
+        if self._send_path.blocked:
+            self.frames_dropped["blocked"] += 1
+            self._need_keyframe = True
+            return
         if self._need_keyframe:
             if not frame.keyframe:
+                self.frames_dropped["awaiting_keyframe"] += 1
                 return
             self._need_keyframe = False
-        self._send_frame(self.video, frame)
+        if not self._send_frame(self.video, frame):
+            self.frames_dropped["broken"] += 1
+            self._need_keyframe = True
 
-    def _send_frame(self, track: TrackSender, frame: RtpFrame) -> None:
+    def _send_frame(self, track: TrackSender, frame: RtpFrame) -> bool:
+        """Send every packet of `frame`; False (and the rest unsent) once one is not SENT."""
         marker_index = frame.marker_index
         protect = self._dtls.protect_rtp
         send = self._send_path.send
+        earn = self.nack.on_media_sent
+        addr = self.ice.remote_addr
+        if addr is None:
+            return False
+        complete = True
+        packets = 0
+        for i, payload in enumerate(frame.payloads):
+            packet = track.packet(payload, frame.timestamp, i == marker_index)
+            packets += 1
+            if send(protect(packet), addr, TrafficKind.MEDIA, self.counters) is SendOutcome.SENT:
+                earn(len(packet))
+            else:
+                complete = False
+                break
+        self.congestion.on_media_sent(packets, self._clock())
+        return complete
+
+    def _retransmit(self, track: TrackSender, slots: list[int]) -> None:
+        """Resend history entries: RTX for video when negotiated, else the original packet."""
         addr = self.ice.remote_addr
         if addr is None:
             return
-        for i, payload in enumerate(frame.payloads):
-            packet = protect(track.packet(payload, frame.timestamp, i == marker_index))
-            send(packet, addr, TrafficKind.MEDIA, self.counters)
+        history = track.history
+        rtx_pt, rtx_ssrc = self.rtx_payload_type, self.rtx_ssrc
+        use_rtx = track is self.video and rtx_pt is not None and rtx_ssrc is not None
+        for slot in slots:
+            seq, payload, timestamp, marker = history.entry(slot)
+            if use_rtx:
+                assert rtx_pt is not None and rtx_ssrc is not None
+                packet = rtx_packet(
+                    rtx_pt, self._rtx_seq, timestamp, rtx_ssrc, marker, seq, payload
+                )
+                self._rtx_seq = (self._rtx_seq + 1) & 0xFFFF
+            else:
+                packet = rtp_packet(track.payload_type, seq, timestamp, track.ssrc, marker, payload)
+            try:
+                protected = self._dtls.protect_rtp(packet)
+            except pylibsrtp.Error:
+                self.srtp_refused += 1
+                continue
+            self._send_path.send(protected, addr, TrafficKind.RETRANSMIT, self.counters)
 
     def _send_rtcp(self, packet: bytes) -> None:
         self._send(self._dtls.protect_rtcp(packet), TrafficKind.RTCP)
@@ -408,7 +558,8 @@ class ViewerSession:
             return
         now = self._clock()
         stream_ms = self._clock_ms + (now - self._clock_at) * 1000
-        ntp = _ntp_timestamp(time.time())
+        ntp = _ntp_timestamp(self._wallclock())
+        self.nack.rtt.on_sender_report(ntp)
         for track in (self.video, self.audio):
             if track is None or track.packets == 0:
                 continue
@@ -425,10 +576,18 @@ class ViewerSession:
             await self.close("dtls handshake failed")
             return
         self._set_state(SessionState.CONNECTED)
-        gop = self.stream.gop
-        if self.video is not None and any(f.kind is MediaKind.VIDEO for f in gop.frames):
-            self._catching_up = True
-            self._catchup_task = asyncio.get_running_loop().create_task(self._catch_up())
+        self._start_catch_up()
+
+    def _start_catch_up(self) -> None:
+        """Send the cached GOP from its keyframe (restarting a running catch-up)."""
+        if self.video is None or not any(f.kind is MediaKind.VIDEO for f in self.stream.gop.frames):
+            return
+        if self._catching_up:
+            self._catchup_restart = True
+            return
+        self._catching_up = True
+        self._catchup_restart = False
+        self._catchup_task = asyncio.get_running_loop().create_task(self._catch_up())
 
     async def _catch_up(self) -> None:
         """Send the cached GOP paced at catchup_bitrate, then switch to live video."""
@@ -439,9 +598,11 @@ class ViewerSession:
         credit = rate * CATCHUP_TICK
         last = self._clock()
         sent = 0
+        self._need_keyframe = True
         while True:
             gop = self.stream.gop
-            if gop.generation != generation:
+            if gop.generation != generation or self._catchup_restart:
+                self._catchup_restart = False
                 generation = gop.generation
                 index = 0
                 self._need_keyframe = True
@@ -483,11 +644,34 @@ class ViewerSession:
                 reason = "dtls timeout"
             elif self.ice.consent_expired(now, self.config.consent_timeout):
                 reason = "ice consent timeout"
-            elif self._state is SessionState.CONNECTED and now - self._last_sr >= SR_INTERVAL:
-                self._last_sr = now
-                self.send_sender_reports()
+            elif self._state is SessionState.CONNECTED:
+                if now - self._last_sr >= SR_INTERVAL:
+                    self._last_sr = now
+                    self.send_sender_reports()
+                reason = self.check_congestion(now)
             self.counters.flush_log()
         await self.close(reason)
+
+    def check_congestion(self, now: float) -> str:
+        """Feed send drops to the congestion state; returns a close reason when overloaded."""
+        media = self.counters.kinds[TrafficKind.MEDIA]
+        drops = media.dropped + media.errors
+        self.congestion.on_send_drops(drops - self._media_drops_seen, now)
+        self._media_drops_seen = drops
+        change = self.congestion.tick(now)
+        if change is not None:
+            log.info(
+                "viewer congestion",
+                viewer=self.id,
+                stream=self.stream.key,
+                old=change.old.value,
+                new=change.new.value,
+                signals=change.reason,
+            )
+        if self.congestion.overloaded(now):
+            seconds = self.congestion.overloaded_for(now)
+            return f"overloaded: congested for {seconds:.1f} s ({self.congestion.describe()})"
+        return ""
 
     # -- closing -----------------------------------------------------------------
 
@@ -520,6 +704,9 @@ class ViewerSession:
             ssrcs = [t.ssrc for t in (self.video, self.audio) if t is not None]
             self._send_rtcp(bye(ssrcs))
         await self._dtls.stop()
+        for track in (self.video, self.audio):
+            if track is not None:
+                track.history.clear()
         self.counters.flush_log()
         if self._on_closed is not None:
             self._on_closed(self)
@@ -551,6 +738,25 @@ class ViewerSession:
                 "plis": self.rtcp.plis,
                 "firs": self.rtcp.firs,
                 "rembs": self.rtcp.rembs,
+                "last_remb": self.rtcp.last_remb,
+                "oversized": self.rtcp.oversized,
+                "unknown_ssrc": self.rtcp.unknown_ssrc,
+            },
+            "nack": {
+                **self.nack.counters.as_dict(),
+                "srtp_refused": self.srtp_refused,
+                "budget_bytes": int(self.nack.budget.tokens),
+                "rtt_ms": round(self.nack.rtt.current * 1000, 1),
+                "rtt_measured": self.nack.rtt.rtt is not None,
+                "rtx": self.rtx_ssrc is not None,
+            },
+            "keyframe": self.keyframes.counters.as_dict(),
+            "congestion": {
+                "state": self.congestion.state.value,
+                "loss": round(self.congestion.loss, 3),
+                "overloaded_for": round(self.congestion.overloaded_for(self._clock()), 1),
+                "transitions": self.congestion.transitions,
+                "frames_dropped": dict(self.frames_dropped),
             },
             "dtls_dropped": self._dtls.ice.dropped,
         }
