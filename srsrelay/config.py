@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -78,6 +79,15 @@ class HttpConfig:
     """Largest WHEP request body (the SDP offer), bytes."""
     cors_origins: tuple[str, ...] = ("*",)
     """Origins allowed to call WHEP from a browser; "*" allows all."""
+    whep_tokens: tuple[str, ...] = ()
+    """Bearer tokens accepted on WHEP requests (RFC 6750); empty turns authentication off."""
+    whep_wait_for_publisher: float = 0.0
+    """Seconds a WHEP POST for a stream that is not live waits for its publisher before the
+    409 answer; 0 answers at once."""
+    whep_rate_limit: float = 20.0
+    """WHEP POSTs per second allowed from one IP address (token bucket); 0 turns it off."""
+    whep_rate_burst: int = 40
+    """WHEP POSTs one IP address may send at once before whep_rate_limit applies."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +98,14 @@ class RtcConfig:
     """Addresses announced as ICE host candidates (all on `port`)."""
     ice_servers: tuple[str, ...] = ()
     """STUN/TURN URLs offered to clients. Empty: the relay contacts no outside host."""
+    ice_username: str = ""
+    """Username for the turn:/turns: URLs in ice_servers (long-term credentials)."""
+    ice_credential: str = ""
+    """Password for the turn:/turns: URLs in ice_servers."""
+    max_viewers: int = 1000
+    """Most viewer sessions at once; a WHEP POST beyond it is answered 503."""
+    max_viewers_per_stream: int = 0
+    """Most viewer sessions of one stream; 0 means only max_viewers applies."""
     payload_size: int = 1200
     """Largest RTP payload, bytes (RFC 6184 FU-A fragments up to this)."""
     sndbuf: int = 32 * 1024
@@ -138,8 +156,13 @@ packet plus RTP/SRTP/UDP/IP headers may not fit a 1500-byte Ethernet MTU."""
 RTMP_CHUNK_SIZE_RANGE = (128, 0xFFFFFF)
 """RTMP chunk sizes: 128 is the protocol default; a message length is a 24-bit field."""
 RTMP_MESSAGE_SIZE_RANGE = (4096, 0xFFFFFF)
+WAIT_FOR_PUBLISHER_RANGE = (0.0, 60.0)
+"""Seconds a WHEP POST may wait for a publisher; longer holds connections for nothing."""
+RATE_LIMIT_RANGE = (0.0, 100_000.0)
+RATE_BURST_RANGE = (1, 100_000)
 OPUS_BITRATE_RANGE = (6_000, 510_000)
 """RFC 6716 section 2.1.1: Opus covers 6 kb/s to 510 kb/s."""
+_BEARER_TOKEN = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
 _BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
 
 
@@ -312,6 +335,11 @@ def validate(config: Config) -> None:
     _non_empty("http.cors_origins", http.cors_origins)
     for i, origin in enumerate(http.cors_origins):
         _origin(f"http.cors_origins[{i}]", origin)
+    for i, token in enumerate(http.whep_tokens):
+        _bearer_token(f"http.whep_tokens[{i}]", token)
+    _range("http.whep_wait_for_publisher", http.whep_wait_for_publisher, *WAIT_FOR_PUBLISHER_RANGE)
+    _range("http.whep_rate_limit", http.whep_rate_limit, *RATE_LIMIT_RANGE)
+    _between("http.whep_rate_burst", http.whep_rate_burst, *RATE_BURST_RANGE)
 
     rtc = config.rtc
     _ip("rtc.listen", rtc.listen)
@@ -321,6 +349,9 @@ def validate(config: Config) -> None:
         _candidate(f"rtc.candidates[{i}]", candidate)
     for i, url in enumerate(rtc.ice_servers):
         _ice_url(f"rtc.ice_servers[{i}]", url)
+    _ice_credentials(rtc)
+    _positive("rtc.max_viewers", rtc.max_viewers)
+    _between("rtc.max_viewers_per_stream", rtc.max_viewers_per_stream, 0, rtc.max_viewers)
     _between("rtc.payload_size", rtc.payload_size, *PAYLOAD_SIZE_RANGE)
     _positive("rtc.sndbuf", rtc.sndbuf)
     _positive("rtc.rcvbuf", rtc.rcvbuf)
@@ -364,6 +395,12 @@ def _fraction(name: str, value: float) -> None:
         raise ConfigError(f"{name}: must be 0-1, got {value:g}")
 
 
+def _range(name: str, value: float, low: float, high: float) -> None:
+    # `not low <= value` also rejects NaN.
+    if not low <= value <= high:
+        raise ConfigError(f"{name}: must be {low:g}-{high:g}, got {value:g}")
+
+
 def _port(name: str, value: int) -> None:
     # 0 asks the OS for any free port (used by tests; the bound port is logged at start).
     _between(name, value, 0, 65535)
@@ -392,6 +429,37 @@ def _ice_url(name: str, value: str) -> None:
     if scheme is None or len(value) == len(scheme):
         raise ConfigError(
             f"{name}: must be a stun:, turn: or turns: URL with a host, got {_show(value)}"
+        )
+    # The URL is sent inside <...> of a Link header (RFC 8288).
+    if any(c in '<>" ,' or ord(c) < 0x21 or ord(c) > 0x7E for c in value):
+        raise ConfigError(
+            f"{name}: must not contain spaces, commas, quotes, < or >, got {_show(value)}"
+        )
+
+
+def _bearer_token(name: str, value: str) -> None:
+    # RFC 6750 section 2.1 b64token. The value is a secret: it is not repeated here.
+    if not _BEARER_TOKEN.match(value):
+        raise ConfigError(
+            f"{name}: must be letters, digits and - . _ ~ + / (optionally ending in =), "
+            f"as a bearer token (RFC 6750)"
+        )
+
+
+def _ice_credentials(rtc: RtcConfig) -> None:
+    # Both go into quoted strings of the Link header (RFC 8288): no quotes, backslashes
+    # or control characters. The values are secrets: they are not repeated here.
+    for name, value in (
+        ("rtc.ice_username", rtc.ice_username),
+        ("rtc.ice_credential", rtc.ice_credential),
+    ):
+        if any(c in '"\\' or ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+            raise ConfigError(f'{name}: must not contain ", \\ or control characters')
+    if bool(rtc.ice_username) != bool(rtc.ice_credential):
+        raise ConfigError("rtc.ice_username and rtc.ice_credential must be set together")
+    if rtc.ice_username and not any(u.startswith(("turn:", "turns:")) for u in rtc.ice_servers):
+        raise ConfigError(
+            "rtc.ice_username: set, but rtc.ice_servers has no turn: or turns: URL to use it"
         )
 
 

@@ -97,6 +97,32 @@ def test_env_booleans(word: str, expected: bool) -> None:
     assert load_config(None, {"SRSRELAY_HUB_TAKEOVER": word}).hub.takeover is expected
 
 
+def test_whep_settings(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+[http]
+whep_tokens = ["abc-DEF_123.~+/=", "second"]
+whep_wait_for_publisher = 3
+whep_rate_limit = 0
+whep_rate_burst = 5
+
+[rtc]
+ice_servers = ["stun:stun.example.org:3478", "turn:turn.example.org:3478?transport=udp"]
+ice_username = "user"
+ice_credential = "pass word!"
+max_viewers = 2
+max_viewers_per_stream = 1
+""",
+    )
+    config = load_config(path, {"SRSRELAY_HTTP_WHEP_TOKENS": "t1, t2"})
+    assert config.http.whep_tokens == ("t1", "t2")
+    assert config.http.whep_wait_for_publisher == 3.0
+    assert (config.http.whep_rate_limit, config.http.whep_rate_burst) == (0.0, 5)
+    assert (config.rtc.ice_username, config.rtc.ice_credential) == ("user", "pass word!")
+    assert (config.rtc.max_viewers, config.rtc.max_viewers_per_stream) == (2, 1)
+
+
 def test_env_empty_list() -> None:
     env = {"SRSRELAY_RTC_ICE_SERVERS": ""}
     assert load_config(None, env).rtc.ice_servers == ()
@@ -187,6 +213,71 @@ BAD_TOML = [
     ("[rtc]\noverload_timeout = 0\n", "rtc.overload_timeout: must be greater than 0, got 0"),
     ("[rtc]\nsndbuf = 0\n", "rtc.sndbuf: must be greater than 0, got 0"),
     ("[rtc]\ndtls_timeout = 0.0\n", "rtc.dtls_timeout: must be greater than 0, got 0"),
+    (
+        '[rtc]\nice_servers = ["stun:stun.example.org> rel=x"]\n',
+        "rtc.ice_servers[0]: must not contain spaces, commas, quotes, < or >, "
+        'got "stun:stun.example.org> rel=x"',
+    ),
+    (
+        '[rtc]\nice_servers = ["turn:t.example.org"]\nice_username = "u"\n',
+        "rtc.ice_username and rtc.ice_credential must be set together",
+    ),
+    (
+        '[rtc]\nice_servers = ["turn:t.example.org"]\nice_credential = "p"\n',
+        "rtc.ice_username and rtc.ice_credential must be set together",
+    ),
+    (
+        '[rtc]\nice_servers = ["stun:s.example.org"]\nice_username = "u"\nice_credential = "p"\n',
+        "rtc.ice_username: set, but rtc.ice_servers has no turn: or turns: URL to use it",
+    ),
+    (
+        '[rtc]\nice_servers = ["turn:t.example.org"]\nice_username = "u"\n'
+        'ice_credential = "p\\"w"\n',
+        'rtc.ice_credential: must not contain ", \\ or control characters',
+    ),
+    (
+        '[rtc]\nice_servers = ["turn:t.example.org"]\nice_username = "a\\nb"\n'
+        'ice_credential = "p"\n',
+        'rtc.ice_username: must not contain ", \\ or control characters',
+    ),
+    ("[rtc]\nice_username = 5\n", "rtc.ice_username: must be a string, got 5"),
+    ("[rtc]\nmax_viewers = 0\n", "rtc.max_viewers: must be greater than 0, got 0"),
+    (
+        "[rtc]\nmax_viewers_per_stream = -1\n",
+        "rtc.max_viewers_per_stream: must be 0-1000, got -1",
+    ),
+    (
+        "[rtc]\nmax_viewers = 10\nmax_viewers_per_stream = 11\n",
+        "rtc.max_viewers_per_stream: must be 0-10, got 11",
+    ),
+    (
+        '[http]\nwhep_tokens = ["good", "has space"]\n',
+        "http.whep_tokens[1]: must be letters, digits and - . _ ~ + / "
+        "(optionally ending in =), as a bearer token (RFC 6750)",
+    ),
+    (
+        '[http]\nwhep_tokens = [""]\n',
+        "http.whep_tokens[0]: must be letters, digits and - . _ ~ + / "
+        "(optionally ending in =), as a bearer token (RFC 6750)",
+    ),
+    (
+        '[http]\nwhep_tokens = "secret"\n',
+        'http.whep_tokens: must be a list of strings, got "secret"',
+    ),
+    (
+        "[http]\nwhep_wait_for_publisher = -1\n",
+        "http.whep_wait_for_publisher: must be 0-60, got -1",
+    ),
+    (
+        "[http]\nwhep_wait_for_publisher = 61.5\n",
+        "http.whep_wait_for_publisher: must be 0-60, got 61.5",
+    ),
+    (
+        "[http]\nwhep_wait_for_publisher = nan\n",
+        "http.whep_wait_for_publisher: must be 0-60, got nan",
+    ),
+    ("[http]\nwhep_rate_limit = -0.5\n", "http.whep_rate_limit: must be 0-100000, got -0.5"),
+    ("[http]\nwhep_rate_burst = 0\n", "http.whep_rate_burst: must be 1-100000, got 0"),
 ]
 
 

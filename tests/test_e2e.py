@@ -147,7 +147,8 @@ async def test_bad_input_keeps_viewer_playing(  # type: ignore[no-untyped-def]
         async with http_session.post(
             relay.http + "/whep/live/nope", data=VP8_PCMU_OFFER, headers=sdp
         ) as resp:
-            assert resp.status == 404
+            assert resp.status == 409
+            assert resp.headers["Retry-After"].isdigit()
             assert "live/nope" in await resp.text()
 
         await asyncio.sleep(2)
