@@ -161,9 +161,11 @@
       });
       const text = await response.text();
       if (mine !== attempt) return;
-      if (response.status === 404) {
+      // WHEP: 409 = stream not live yet, 503 = relay full, 429 = too many tries; all
+      // carry Retry-After and are worth retrying.
+      if (response.status === 409 || response.status === 503 || response.status === 429) {
         const why = text.trim() || 'stream ' + key + ' is not live';
-        scheduleRetry(why.charAt(0).toUpperCase() + why.slice(1) + '; waiting for a publisher.');
+        scheduleRetry(why.charAt(0).toUpperCase() + why.slice(1) + '.');
         return;
       }
       if (response.status !== 201) {
