@@ -113,8 +113,9 @@ class RtcConfig:
     queue behind it delays every STUN reply, and 64 KiB drain in 0.5 s at 1 Mbit/s."""
     rcvbuf: int = 1024 * 1024
     """SO_RCVBUF of the RTC socket, bytes."""
-    catchup_bitrate: int = 20_000_000
-    """Bits per second at which a new viewer is sent the cached GOP before going live."""
+    catchup_speed: float = 4.0
+    """How much faster than real time a new viewer is sent the cached GOP before going
+    live (1.5-20); 4 catches up a 10 s old keyframe in 3.3 s."""
     dtls_timeout: float = 10.0
     """Seconds a viewer has to complete ICE and DTLS after the answer."""
     consent_timeout: float = 30.0
@@ -355,7 +356,8 @@ def validate(config: Config) -> None:
     _between("rtc.payload_size", rtc.payload_size, *PAYLOAD_SIZE_RANGE)
     _positive("rtc.sndbuf", rtc.sndbuf)
     _positive("rtc.rcvbuf", rtc.rcvbuf)
-    _positive("rtc.catchup_bitrate", rtc.catchup_bitrate)
+    if not 1.5 <= rtc.catchup_speed <= 20:
+        raise ConfigError(f"rtc.catchup_speed: must be 1.5-20, got {rtc.catchup_speed:g}")
     _positive("rtc.dtls_timeout", rtc.dtls_timeout)
     _positive("rtc.consent_timeout", rtc.consent_timeout)
     _positive("rtc.control_queue", rtc.control_queue)

@@ -208,6 +208,7 @@ BAD_TOML = [
         "rtc.nack_history: must be a power of two from 16 to 32768, got 8",
     ),
     ("[rtc]\nretransmit_budget = 1.5\n", "rtc.retransmit_budget: must be 0-1, got 1.5"),
+    ("[rtc]\ncatchup_speed = 1.0\n", "rtc.catchup_speed: must be 1.5-20, got 1"),
     ("[rtc]\ncongestion_loss = -0.1\n", "rtc.congestion_loss: must be 0-1, got -0.1"),
     ("[rtc]\ncontrol_queue = 0\n", "rtc.control_queue: must be greater than 0, got 0"),
     ("[rtc]\noverload_timeout = 0\n", "rtc.overload_timeout: must be greater than 0, got 0"),

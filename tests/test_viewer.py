@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import re
 import socket
 import struct
@@ -342,6 +343,20 @@ def video_timestamps(rig: Rig) -> list[int]:
     return stamps
 
 
+def video_frames_seen(rig: Rig) -> list[int]:
+    """Which frames (by index) the browser got, in order: `video(i)` payloads carry i."""
+    return [p.payload[0] for p in rig.browser.packets(102) if p.marker]
+
+
+def video_wire_stamps(rig: Rig) -> list[int]:
+    """RTP timestamps on the wire of the video frames the browser got."""
+    return [p.timestamp for p in rig.browser.packets(102) if p.marker]
+
+
+def strictly_increasing(stamps: list[int]) -> bool:
+    return all(0 < (b - a) & 0xFFFFFFFF < 0x80000000 for a, b in itertools.pairwise(stamps))
+
+
 async def _wait(predicate: Callable[[], bool], within: float = 5.0) -> None:
     deadline = time.monotonic() + within
     while not predicate():
@@ -349,11 +364,11 @@ async def _wait(predicate: Callable[[], bool], within: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
-# 8 kB/s per 100 kbit/s: ten 3000-byte frames take about 0.3 s at 800 kbit/s.
-SLOW = RtcConfig(catchup_bitrate=800_000)
+# Ten cached frames of 33 ms at twice real time: the catch-up takes about 150 ms.
+SLOW = RtcConfig(catchup_speed=2.0)
 
 
-async def test_gop_catch_up_is_paced_then_live() -> None:
+async def test_gop_catch_up_is_paced_restamped_then_live() -> None:
     cached = [video(0, keyframe=True, size=1000)] + [video(i, size=1000) for i in range(1, 10)]
     async with make_rig(SLOW, cached=cached) as rig:
         started = time.monotonic()
@@ -362,12 +377,17 @@ async def test_gop_catch_up_is_paced_then_live() -> None:
         rig.stream.push(audio(0))  # audio goes live at once
         await asyncio.sleep(0.02)
         assert len(rig.browser.packets(111)) == 1
-        assert len(video_timestamps(rig)) < 5
+        assert len(video_frames_seen(rig)) < 5
         await _wait(lambda: not rig.session.catching_up)
-        assert time.monotonic() - started > 0.2
+        assert time.monotonic() - started > 0.12
         rig.stream.push(video(11, size=1000))
-        await _wait(lambda: len(video_timestamps(rig)) == 12)
-        assert video_timestamps(rig) == [i * 3000 for i in range(12)]
+        await _wait(lambda: len(video_frames_seen(rig)) == 12)
+        assert video_frames_seen(rig) == list(range(12))
+        stamps = video_wire_stamps(rig)
+        steps = [(b - a) & 0xFFFFFFFF for a, b in itertools.pairwise(stamps)]
+        # Cached frames are stamped at the pace they are sent (3000 / 2), live ones at
+        # the publisher's pace: the wire clock never jumps back or ahead.
+        assert steps == [1500] * 10 + [3000]
 
 
 async def test_catch_up_restarts_on_new_gop() -> None:
@@ -378,10 +398,11 @@ async def test_catch_up_restarts_on_new_gop() -> None:
         rig.stream.push(video(20, keyframe=True, size=1000))
         rig.stream.push(video(21, size=1000))
         await _wait(lambda: not rig.session.catching_up)
-        stamps = video_timestamps(rig)
-        assert stamps[-2:] == [20 * 3000, 21 * 3000]
-        assert 1 <= len(stamps) - 2 < 10  # part of the old GOP went out first
-        assert stamps[:-2] == [i * 3000 for i in range(len(stamps) - 2)]
+        seen = video_frames_seen(rig)
+        assert seen[-2:] == [20, 21]
+        assert 1 <= len(seen) - 2 < 10  # part of the old GOP went out first
+        assert seen[:-2] == list(range(len(seen) - 2))
+        assert strictly_increasing(video_wire_stamps(rig))
 
 
 async def test_truncated_cache_resumes_at_live_keyframe() -> None:
@@ -396,8 +417,11 @@ async def test_truncated_cache_resumes_at_live_keyframe() -> None:
         await _wait(lambda: not rig.session.catching_up)
         rig.stream.push(video(5))  # after the truncation point: undecodable
         rig.stream.push(video(6, keyframe=True))
-        await _wait(lambda: len(video_timestamps(rig)) == 4)
-        assert video_timestamps(rig) == [0, 3000, 6000, 18000]
+        await _wait(lambda: len(video_frames_seen(rig)) == 4)
+        assert video_frames_seen(rig) == [0, 1, 2, 6]
+        stamps = video_wire_stamps(rig)
+        assert strictly_increasing(stamps)
+        assert (stamps[3] - stamps[2]) & 0xFFFFFFFF == 4 * 3000  # live spacing after catch-up
 
 
 async def test_rtcp_feedback_is_counted(rig: Rig) -> None:
@@ -629,10 +653,11 @@ async def test_rtt_from_receiver_report(rig: Rig) -> None:
 async def test_pli_replays_a_fresh_cached_gop(rig: Rig) -> None:
     rig.stream.push(video(0, keyframe=True))
     rig.stream.push(video(1))
-    await _wait(lambda: len(video_timestamps(rig)) == 2)
+    await _wait(lambda: len(video_frames_seen(rig)) == 2)
     _feedback(rig, _pli(rig))
-    await _wait(lambda: len(video_timestamps(rig)) == 4)
-    assert video_timestamps(rig) == [0, 3000, 0, 3000]
+    await _wait(lambda: len(video_frames_seen(rig)) == 4)
+    assert video_frames_seen(rig) == [0, 1, 0, 1]
+    assert strictly_increasing(video_wire_stamps(rig))  # the replay is restamped
     _feedback(rig, _pli(rig))  # within keyframe_request_interval
     await _wait(lambda: not rig.session.catching_up)
     assert rig.session.stats()["keyframe"] == {
@@ -647,14 +672,14 @@ async def test_pli_with_a_stale_cache_waits_for_the_next_idr(rig: Rig) -> None:
     old = time.monotonic() - 5
     rig.stream.push(dataclasses.replace(video(0, keyframe=True), received_at=old))
     rig.stream.push(video(1))
-    await _wait(lambda: len(video_timestamps(rig)) == 2)
+    await _wait(lambda: len(video_frames_seen(rig)) == 2)
     _feedback(rig, _pli(rig))
     rig.stream.push(video(2))  # the viewer cannot decode it: held back
     rig.stream.push(video(3, keyframe=True))
     rig.stream.push(audio(0))
     await _wait(lambda: len(rig.browser.packets(111)) == 1)
-    await _wait(lambda: len(video_timestamps(rig)) == 3)
-    assert video_timestamps(rig) == [0, 3000, 9000]
+    await _wait(lambda: len(video_frames_seen(rig)) == 3)
+    assert video_frames_seen(rig) == [0, 1, 3]
     stats = rig.session.stats()
     assert stats["keyframe"]["waited_for_idr"] == 1
     assert stats["congestion"]["frames_dropped"]["awaiting_keyframe"] == 1

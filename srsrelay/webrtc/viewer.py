@@ -51,9 +51,7 @@ HOUSEKEEPING_INTERVAL = 0.25
 SR_INTERVAL = 1.0
 """Seconds between two RTCP Sender Reports of a track (RFC 3550 section 6.2)."""
 CATCHUP_TICK = 0.005
-"""Seconds between two sends of cached GOP frames to a new viewer."""
-CATCHUP_MAX_BURST = 0.05
-"""Most sending credit (in seconds at catchup_bitrate) saved up while catching up."""
+"""Shortest sleep between two sends of cached GOP frames to a new viewer, seconds."""
 NTP_EPOCH_OFFSET = 2_208_988_800
 """Seconds from 1900-01-01 (NTP epoch) to 1970-01-01 (Unix epoch)."""
 RTCP_SR = 200
@@ -322,6 +320,9 @@ class ViewerSession:
         self._catching_up = False
         self._catchup_restart = False
         self._need_keyframe = True
+        # The last video RTP timestamp on the wire and when it was sent (monotonic): the
+        # catch-up stamps cached frames on this clock so it never goes backwards.
+        self._video_wire: tuple[int, float] | None = None
         # Stream clock: stream time (ms) of the newest frame and when it arrived.
         self._clock_ms: float | None = None
         self._clock_at = 0.0
@@ -501,6 +502,14 @@ class ViewerSession:
         if not self._send_frame(self.video, frame):
             self.frames_dropped["broken"] += 1
             self._need_keyframe = True
+        self._video_wire = (frame.timestamp + self.video.ts_offset, self._clock())
+
+    def _video_wire_now(self, now: float) -> int | None:
+        """Where the video RTP clock stands now, continuing from the last frame sent."""
+        if self._video_wire is None:
+            return None
+        wire, at = self._video_wire
+        return wire + int((now - at) * VIDEO_CLOCK_RATE)
 
     def _send_frame(self, track: TrackSender, frame: RtpFrame) -> bool:
         """Send every packet of `frame`; False (and the rest unsent) once one is not SENT."""
@@ -564,6 +573,11 @@ class ViewerSession:
             if track is None or track.packets == 0:
                 continue
             rtp_ts = track.ts_offset + int(stream_ms * track.clock_rate / 1000)
+            if track is self.video and self._catching_up:
+                # Cached frames are stamped as if sent live (see _catch_up): map now to
+                # the video clock as it runs on the wire, so the browser does not hold
+                # audio back to meet video from the past.
+                rtp_ts = self._video_wire_now(now) or rtp_ts
             self._send_rtcp(sender_report(track, ntp, rtp_ts, self.cname))
 
     # -- tasks -------------------------------------------------------------------
@@ -590,36 +604,56 @@ class ViewerSession:
         self._catchup_task = asyncio.get_running_loop().create_task(self._catch_up())
 
     async def _catch_up(self) -> None:
-        """Send the cached GOP paced at catchup_bitrate, then switch to live video."""
-        rate = self.config.catchup_bitrate / 8  # bytes per second
-        gop = self.stream.gop
-        generation = gop.generation
+        """Send the cached GOP from its keyframe, faster than real time, then go live.
+
+        Cached frame i is sent `(ts_i - ts_0) / catchup_speed` after the keyframe and
+        stamped with that send time on the viewer's video clock, so the browser sees
+        frames that arrive on time and plays them at once rather than buffering the
+        GOP's age (which would put the picture seconds behind the live audio). When the
+        cache is exhausted the last stamp's offset carries on for live frames, so the
+        RTP timestamps stay monotonic and continuous across the switch.
+        """
+        assert self.video is not None
+        video = self.video
+        speed = self.config.catchup_speed
+        ticks_per_second = VIDEO_CLOCK_RATE * speed
+        generation = -1
         index = 0
-        credit = rate * CATCHUP_TICK
-        last = self._clock()
         sent = 0
-        self._need_keyframe = True
+        started = 0.0
+        first_ts = 0
+        base = 0
+        gop = self.stream.gop
         while True:
             gop = self.stream.gop
+            now = self._clock()
             if gop.generation != generation or self._catchup_restart:
                 self._catchup_restart = False
                 generation = gop.generation
                 index = 0
                 self._need_keyframe = True
+                if not gop.frames:
+                    break
+                started, first_ts = now, gop.frames[0].timestamp
+                wire = self._video_wire_now(now)
+                base = wire + 1 if wire is not None else first_ts + video.ts_offset
             frames = gop.frames
-            now = self._clock()
-            credit = min(credit + (now - last) * rate, rate * CATCHUP_MAX_BURST)
-            last = now
-            while index < len(frames) and credit > 0:
+            wait = 0.0
+            while index < len(frames):
                 frame = frames[index]
+                due = started + (frame.timestamp - first_ts) / ticks_per_second
+                if due > now:
+                    wait = due - now
+                    break
                 index += 1
                 if frame.kind is MediaKind.VIDEO:
+                    video.ts_offset = base + int((frame.timestamp - first_ts) / speed)
+                    video.ts_offset -= frame.timestamp
                     self._send_video(frame)
-                    credit -= frame.size
                     sent += 1
             if index >= len(frames):
                 break
-            await asyncio.sleep(CATCHUP_TICK)
+            await asyncio.sleep(max(wait, CATCHUP_TICK))
         if gop.truncated:
             # Frames after the truncation point are missing; resume at a live keyframe.
             self._need_keyframe = True
@@ -629,6 +663,7 @@ class ViewerSession:
             viewer=self.id,
             stream=self.stream.key,
             frames=sent,
+            seconds=round(self._clock() - started, 3),
             truncated=gop.truncated,
         )
 

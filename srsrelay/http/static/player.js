@@ -21,7 +21,9 @@
     rtmpPort: 1935,
     live: [], // streams from /api/v1/streams
   };
-  const player = { pc: null, state };
+  // timing: milliseconds (performance.now) of this attempt's start (before the offer),
+  // the WHEP answer and the first video frame shown; read by tests and bench/ttff.py.
+  const player = { pc: null, state, timing: null };
   window.srsrelayPlayer = player;
 
   let retryTimer = null;
@@ -130,6 +132,8 @@
     const mine = ++attempt;
     const key = state.stream;
     setStatus('connecting', 'Connecting to ' + key + '…');
+    const timing = { start: performance.now(), answer: null, firstFrame: null };
+    player.timing = timing;
     const pc = new RTCPeerConnection({ iceServers: [] });
     player.pc = pc;
     pc.addTransceiver('video', { direction: 'recvonly' });
@@ -138,6 +142,11 @@
     pc.ontrack = (event) => {
       media.addTrack(event.track);
       if (video.srcObject !== media) video.srcObject = media;
+      if (event.track.kind === 'video' && 'requestVideoFrameCallback' in video) {
+        video.requestVideoFrameCallback(() => {
+          if (player.timing === timing) timing.firstFrame = performance.now();
+        });
+      }
       startVideo();
     };
     pc.onconnectionstatechange = () => {
@@ -176,6 +185,7 @@
       }
       const loc = response.headers.get('Location');
       state.sessionUrl = loc ? new URL(loc, location.href).href : null;
+      timing.answer = performance.now();
       await pc.setRemoteDescription({ type: 'answer', sdp: text });
     } catch (err) {
       if (mine === attempt) scheduleRetry('Could not reach the relay: ' + err + '.');
