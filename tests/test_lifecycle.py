@@ -8,11 +8,13 @@ browser vanish without a DELETE or a DTLS close_notify.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import signal
 import subprocess
 import sys
 import time
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -105,9 +107,23 @@ async def start_publisher(relay: Relay) -> subprocess.Popen[bytes]:
     return proc
 
 
+def freed_without_gc(refs: list[weakref.ref[Any]]) -> list[str]:
+    """Objects of a closed session still alive: only reference cycles keep them."""
+    return [repr(r()) for r in refs if r() is not None]
+
+
+def session_refs(relay: Relay) -> list[weakref.ref[Any]]:
+    session = next(iter(relay.rtc.sessions.values()))
+    dtls = session._dtls
+    return [weakref.ref(o) for o in (session, dtls, dtls._transport, dtls.ice, session.ice)]
+
+
 async def test_nothing_outlives_its_viewer(relay: Relay) -> None:
     publisher = await start_publisher(relay)
     http = f"http://127.0.0.1:{relay.http_port}"
+    # With the cycle collector off, a closed session must be freed by reference
+    # counting alone: its OpenSSL and libsrtp state is then released at once.
+    gc.disable()
     try:
         await asyncio.sleep(0.5)
         baseline = registries(relay)
@@ -117,10 +133,13 @@ async def test_nothing_outlives_its_viewer(relay: Relay) -> None:
         viewer = ViewerProcess(http + "/whep/live/test")
         location = await viewer.connected()
         assert registries(relay)["sessions"] == 1
+        refs = session_refs(relay)
         async with aiohttp.ClientSession() as client:
             async with client.delete(http + location) as resp:
                 assert resp.status == 200
         await back_to(relay, baseline, timeout=2)
+        await asyncio.sleep(0.1)
+        assert freed_without_gc(refs) == []
         viewer.signal(signal.SIGKILL)
         viewer.wait()
 
@@ -131,9 +150,13 @@ async def test_nothing_outlives_its_viewer(relay: Relay) -> None:
         assert session.state is SessionState.CONNECTED
         viewer.signal(signal.SIGKILL)
         viewer.wait()
+        refs = session_refs(relay)
         waited = await back_to(relay, baseline, timeout=CONSENT_TIMEOUT + 3)
         assert session.close_reason == "ice consent timeout"
         assert waited <= CONSENT_TIMEOUT + 2, waited
+        del session
+        await asyncio.sleep(0.1)
+        assert freed_without_gc(refs) == []
 
         # 3. A clean disconnect (DTLS close_notify, no DELETE).
         viewer = ViewerProcess(http + "/whep/live/test")
@@ -141,8 +164,13 @@ async def test_nothing_outlives_its_viewer(relay: Relay) -> None:
         session = next(iter(relay.rtc.sessions.values()))
         viewer.signal(signal.SIGTERM)
         assert viewer.wait() == 0
+        refs = session_refs(relay)
         await back_to(relay, baseline, timeout=2)
         assert session.close_reason == "dtls closed by viewer"
+        del session
+        await asyncio.sleep(0.1)
+        assert freed_without_gc(refs) == []
     finally:
+        gc.enable()
         publisher.send_signal(signal.SIGINT)
         publisher.wait(5)

@@ -79,6 +79,10 @@ class IceStandIn:
         self._queue.clear()
         self._wake()
 
+    def release(self) -> None:
+        """Drop the send callback (it refers to the owner); later sends are refused."""
+        self._send_cb = _refuse_send
+
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
@@ -98,6 +102,10 @@ class IceStandIn:
             finally:
                 self._waiter = None
         return self._queue.popleft()
+
+
+def _refuse_send(data: bytes) -> None:
+    """The send callback of a released stand-in."""
 
 
 class DtlsSrtp:
@@ -170,9 +178,18 @@ class DtlsSrtp:
         return out
 
     async def stop(self) -> None:
-        """Send close_notify if connected, then stop receiving."""
+        """Send close_notify if connected, then stop receiving and let go of the owner.
+
+        The transport's listener and the stand-in's send callback point back at their
+        owners; dropping them here breaks the reference cycles, so a closed viewer's
+        OpenSSL and libsrtp state is freed at once rather than at the next full
+        garbage collection (which, with sessions coming and going, grows RSS).
+        """
         was_connected = self._connected
         self._connected = False
         if was_connected:
             await self._transport.stop()
         self.ice.close()
+        self._transport.remove_all_listeners()
+        self._on_closed = None
+        self.ice.release()

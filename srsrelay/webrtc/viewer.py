@@ -324,8 +324,10 @@ class ViewerSession:
         # catch-up stamps cached frames on this clock so it never goes backwards.
         self._video_wire: tuple[int, float] | None = None
         # Stream clock: stream time (ms) of the newest frame and when it arrived.
-        self._clock_ms: float | None = None
-        self._clock_at = 0.0
+        # Per track: the stream timestamp of its newest frame and when that arrived. SRs
+        # map each track's clock to the wallclock of arrival at the relay, so lip-sync
+        # holds even when the publisher's audio and video timelines are offset.
+        self._newest: dict[MediaKind, tuple[int, float]] = {}
         self._last_sr = 0.0
         self._housekeeping_task: asyncio.Task[None] | None = None
         self._dtls_task: asyncio.Task[None] | None = None
@@ -455,9 +457,7 @@ class ViewerSession:
 
     def on_frame(self, frame: RtpFrame) -> None:
         video = frame.kind is MediaKind.VIDEO
-        rate = VIDEO_CLOCK_RATE if video else AUDIO_CLOCK_RATE
-        self._clock_ms = frame.timestamp * 1000 / rate
-        self._clock_at = frame.received_at
+        self._newest[frame.kind] = (frame.timestamp, frame.received_at)
         if self._state is not SessionState.CONNECTED:
             return
         self.congestion.on_offered(frame.size, self._clock())
@@ -563,16 +563,16 @@ class ViewerSession:
 
     def send_sender_reports(self) -> None:
         """One SR + SDES per track that has sent media (RFC 3550 section 6.4.1)."""
-        if self._clock_ms is None:
+        if not self._newest:
             return
         now = self._clock()
-        stream_ms = self._clock_ms + (now - self._clock_at) * 1000
         ntp = _ntp_timestamp(self._wallclock())
         self.nack.rtt.on_sender_report(ntp)
         for track in (self.video, self.audio):
-            if track is None or track.packets == 0:
+            if track is None or track.packets == 0 or track.kind not in self._newest:
                 continue
-            rtp_ts = track.ts_offset + int(stream_ms * track.clock_rate / 1000)
+            timestamp, arrived = self._newest[track.kind]
+            rtp_ts = track.ts_offset + timestamp + int((now - arrived) * track.clock_rate)
             if track is self.video and self._catching_up:
                 # Cached frames are stamped as if sent live (see _catch_up): map now to
                 # the video clock as it runs on the wire, so the browser does not hold
@@ -743,8 +743,12 @@ class ViewerSession:
             if track is not None:
                 track.history.clear()
         self.counters.flush_log()
-        if self._on_closed is not None:
-            self._on_closed(self)
+        # Finished tasks keep their coroutines, and those keep this session: let go.
+        self._housekeeping_task = self._dtls_task = self._catchup_task = None
+        self._close_task = None
+        on_closed, self._on_closed = self._on_closed, None
+        if on_closed is not None:
+            on_closed(self)
 
     # -- reporting ---------------------------------------------------------------
 
