@@ -132,7 +132,7 @@
     const mine = ++attempt;
     const key = state.stream;
     setStatus('connecting', 'Connecting to ' + key + '…');
-    const timing = { start: performance.now(), answer: null, firstFrame: null };
+    const timing = { start: performance.now(), offer: null, answer: null, firstFrame: null };
     player.timing = timing;
     const pc = new RTCPeerConnection({ iceServers: [] });
     player.pc = pc;
@@ -163,6 +163,7 @@
     };
     try {
       await pc.setLocalDescription(await pc.createOffer());
+      timing.offer = performance.now();
       const response = await fetch(whepPath(key), {
         method: 'POST',
         headers: { 'Content-Type': 'application/sdp' },
@@ -349,9 +350,10 @@
   updateMute();
   setStatus('idle', 'Pick a live stream below.');
   showUrls();
+  // Start playing before anything else competes for the page and the relay.
+  const wanted = new URLSearchParams(location.search).get('stream');
+  if (wanted) play(wanted.replace(/^\/+|\/+$/g, ''));
   loadInfo();
   refreshStreams();
   setInterval(refreshStreams, LIST_INTERVAL_MS);
-  const wanted = new URLSearchParams(location.search).get('stream');
-  if (wanted) play(wanted.replace(/^\/+|\/+$/g, ''));
 })();
