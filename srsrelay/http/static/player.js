@@ -173,8 +173,12 @@
       if (mine !== attempt) return;
       // WHEP: 409 = stream not live yet, 503 = relay full, 429 = too many tries; all
       // carry Retry-After and are worth retrying.
-      if (response.status === 409 || response.status === 503 || response.status === 429) {
-        const why = text.trim() || 'stream ' + key + ' is not live';
+      if (response.status === 409) {
+        scheduleRetry('Stream ' + key + ' is not live yet: waiting for a publisher.');
+        return;
+      }
+      if (response.status === 503 || response.status === 429) {
+        const why = text.trim().replace(/\.$/, '') || 'the relay is busy';
         scheduleRetry(why.charAt(0).toUpperCase() + why.slice(1) + '.');
         return;
       }
