@@ -398,6 +398,7 @@ async def test_catch_up_restarts_on_new_gop() -> None:
         rig.stream.push(video(20, keyframe=True, size=1000))
         rig.stream.push(video(21, size=1000))
         await _wait(lambda: not rig.session.catching_up)
+        await _wait(lambda: video_frames_seen(rig)[-1:] == [21])  # the datagrams arrived
         seen = video_frames_seen(rig)
         assert seen[-2:] == [20, 21]
         assert 1 <= len(seen) - 2 < 10  # part of the old GOP went out first
