@@ -71,7 +71,11 @@ async def back_to(relay: Relay, baseline: dict[str, int], timeout: float) -> flo
 
 
 class ViewerProcess:
+    running: list[ViewerProcess] = []
+    """Started and not yet reaped: killed when a test fails half-way."""
+
     def __init__(self, url: str) -> None:
+        ViewerProcess.running.append(self)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.whep_client", url],
             cwd=ROOT,
@@ -90,7 +94,16 @@ class ViewerProcess:
         self.proc.send_signal(sig)
 
     def wait(self) -> int:
-        return self.proc.wait(15)
+        code = self.proc.wait(15)
+        ViewerProcess.running.remove(self)
+        return code
+
+    @classmethod
+    def kill_all(cls) -> None:
+        for viewer in cls.running:
+            viewer.proc.kill()
+            viewer.proc.wait()
+        cls.running.clear()
 
 
 async def start_publisher(relay: Relay) -> subprocess.Popen[bytes]:
@@ -171,6 +184,7 @@ async def test_nothing_outlives_its_viewer(relay: Relay) -> None:
         await asyncio.sleep(0.1)
         assert freed_without_gc(refs) == []
     finally:
+        ViewerProcess.kill_all()
         gc.enable()
         publisher.send_signal(signal.SIGINT)
         publisher.wait(5)
