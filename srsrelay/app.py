@@ -28,7 +28,7 @@ class Relay:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.hub = Hub(config.hub, config.audio, config.rtc.payload_size)
+        self.hub = Hub(config.hub, config.audio, config.rtc.payload_size, config.video)
         self.rtc = RtcServer(config.rtc)
         self.rtmp = RtmpServer(config.rtmp, self.hub)
         self.http: HttpServer | None = None

@@ -63,6 +63,17 @@ class HubConfig:
     """Most video frames kept from the last keyframe, for new viewers."""
     gop_cache_bytes: int = 16 * 1024 * 1024
     """Most payload bytes kept in one stream's GOP cache."""
+    reconnect_grace: float = 10.0
+    """Seconds a stream and its viewers wait for a publisher that disconnected; a new
+    publisher on the same name within that time continues the stream. 0 ends it at once."""
+
+
+@dataclass(frozen=True)
+class VideoConfig:
+    bframes: str = "drop"
+    """What to do with H.264 B-frames: drop (non-reference ones), transcode or passthrough."""
+    transcode_keyframe_interval: float = 2.0
+    """Seconds between keyframes of a re-encoded stream."""
 
 
 @dataclass(frozen=True)
@@ -143,6 +154,7 @@ class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     rtmp: RtmpConfig = field(default_factory=RtmpConfig)
     hub: HubConfig = field(default_factory=HubConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     rtc: RtcConfig = field(default_factory=RtcConfig)
@@ -161,6 +173,11 @@ WAIT_FOR_PUBLISHER_RANGE = (0.0, 60.0)
 """Seconds a WHEP POST may wait for a publisher; longer holds connections for nothing."""
 RATE_LIMIT_RANGE = (0.0, 100_000.0)
 RATE_BURST_RANGE = (1, 100_000)
+BFRAMES_POLICIES = ("drop", "transcode", "passthrough")
+RECONNECT_GRACE_RANGE = (0.0, 300.0)
+"""Seconds; longer keeps viewers of a dead stream connected for nothing."""
+KEYFRAME_INTERVAL_RANGE = (0.5, 10.0)
+"""Seconds between transcoded keyframes: shorter wastes bits, longer delays joins."""
 OPUS_BITRATE_RANGE = (6_000, 510_000)
 """RFC 6716 section 2.1.1: Opus covers 6 kb/s to 510 kb/s."""
 _BEARER_TOKEN = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
@@ -327,6 +344,13 @@ def validate(config: Config) -> None:
 
     _positive("hub.gop_cache_frames", config.hub.gop_cache_frames)
     _positive("hub.gop_cache_bytes", config.hub.gop_cache_bytes)
+    _range("hub.reconnect_grace", config.hub.reconnect_grace, *RECONNECT_GRACE_RANGE)
+    _one_of("video.bframes", config.video.bframes, BFRAMES_POLICIES)
+    _range(
+        "video.transcode_keyframe_interval",
+        config.video.transcode_keyframe_interval,
+        *KEYFRAME_INTERVAL_RANGE,
+    )
     _between("audio.opus_bitrate", config.audio.opus_bitrate, *OPUS_BITRATE_RANGE)
 
     http = config.http

@@ -159,6 +159,21 @@ BAD_TOML = [
     ("[hub]\ngop_cache_frames = 0\n", "hub.gop_cache_frames: must be greater than 0, got 0"),
     ("[hub]\ngop_cache_bytes = -5\n", "hub.gop_cache_bytes: must be greater than 0, got -5"),
     ("[audio]\nopus_bitrate = 1000\n", "audio.opus_bitrate: must be 6000-510000, got 1000"),
+    ("[hub]\nreconnect_grace = -1\n", "hub.reconnect_grace: must be 0-300, got -1"),
+    ("[hub]\nreconnect_grace = 301.5\n", "hub.reconnect_grace: must be 0-300, got 301.5"),
+    (
+        '[video]\nbframes = "reorder"\n',
+        'video.bframes: must be one of drop, transcode, passthrough, got "reorder"',
+    ),
+    ("[video]\nbframes = 0\n", "video.bframes: must be a string, got 0"),
+    (
+        "[video]\ntranscode_keyframe_interval = 0.1\n",
+        "video.transcode_keyframe_interval: must be 0.5-10, got 0.1",
+    ),
+    (
+        "[video]\ntranscode_keyframe_interval = 60\n",
+        "video.transcode_keyframe_interval: must be 0.5-10, got 60",
+    ),
     (
         '[log]\nlevel = "loud"\n',
         'log.level: must be one of debug, info, warning, error, got "loud"',
@@ -294,6 +309,11 @@ BAD_ENV = [
     ({"SRSRELAY_RTMP_PORT": "abc"}, 'rtmp.port: must be an integer, got "abc"'),
     ({"SRSRELAY_RTMP_IDLE_TIMEOUT": "soon"}, 'rtmp.idle_timeout: must be a number, got "soon"'),
     ({"SRSRELAY_HUB_TAKEOVER": "maybe"}, 'hub.takeover: must be true or false, got "maybe"'),
+    (
+        {"SRSRELAY_VIDEO_BFRAMES": "keep"},
+        'video.bframes: must be one of drop, transcode, passthrough, got "keep"',
+    ),
+    ({"SRSRELAY_HUB_RECONNECT_GRACE": "soon"}, 'hub.reconnect_grace: must be a number, got "soon"'),
     ({"SRSRELAY_RTC_PROT": "8000"}, "SRSRELAY_RTC_PROT: unknown key rtc.prot"),
     ({"SRSRELAY_RTC": "8000"}, "SRSRELAY_RTC: unknown key rtc.?"),
     ({"SRSRELAY_RTCC_PORT": "8000"}, 'SRSRELAY_RTCC_PORT: unknown section "rtcc"'),
@@ -345,3 +365,17 @@ def test_not_utf8(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(path, {})
     assert str(info.value).startswith(f"{path}: not UTF-8 text: ")
+
+
+def test_video_and_reconnect_settings(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[hub]\nreconnect_grace = 0\n[video]\nbframes = "transcode"\n'
+        "transcode_keyframe_interval = 1.5\n",
+    )
+    config = load_config(path, {"SRSRELAY_VIDEO_BFRAMES": "passthrough"})
+    assert config.hub.reconnect_grace == 0.0
+    assert config.video.bframes == "passthrough"
+    assert config.video.transcode_keyframe_interval == 1.5
+    assert load_config(None, {}).video.bframes == "drop"
+    assert load_config(None, {}).hub.reconnect_grace == 10.0

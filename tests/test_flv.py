@@ -248,7 +248,24 @@ def test_split_nalus_errors() -> None:
 def test_audio_tag_header_bits() -> None:
     tag = flv.parse_audio_tag(b"\xaa\x01\x21\x10")  # AAC, 22 kHz, 16-bit, mono
     assert tag == flv.AudioTag(
-        sound_rate=22050, sound_size=16, channels=1, packet_type=AacPacketType.RAW, data=b"\x21\x10"
+        sound_format=flv.SOUND_FORMAT_AAC,
+        sound_rate=22050,
+        sound_size=16,
+        channels=1,
+        packet_type=AacPacketType.RAW,
+        data=b"\x21\x10",
+    )
+
+
+def test_mp3_tag_has_no_packet_type_byte() -> None:
+    tag = flv.parse_audio_tag(b"\x2e\xff\xfb\x90\x00")  # MP3, 44.1 kHz, 16-bit, mono
+    assert tag == flv.AudioTag(
+        sound_format=flv.SOUND_FORMAT_MP3,
+        sound_rate=44100,
+        sound_size=16,
+        channels=1,
+        packet_type=AacPacketType.RAW,
+        data=b"\xff\xfb\x90\x00",
     )
 
 
@@ -258,7 +275,7 @@ def test_audio_tag_header_bits() -> None:
         (b"", "audio tag is empty", False),
         (b"\xaf", "AAC audio tag truncated: need 2 bytes, got 1", False),
         (b"\xaf\x02", "AAC audio tag has unknown packet type 2", False),
-        (b"\x2f\xff\xfb", "audio codec MP3 is not supported", True),
+        (b"\xe2\xff\xfb", "audio codec MP3 8 kHz is not supported", True),
         (b"\xd6\x00", "audio codec Opus is not supported", True),
         (b"\x9f\x00", "audio codec enhanced RTMP audio is not supported", True),
     ],

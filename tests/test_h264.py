@@ -184,3 +184,72 @@ def test_real_access_units_round_trip(access_units: list[list[bytes]], max_paylo
     assert fragmented > 0
     if max_payload == 1200:
         assert aggregated > 0  # SPS + PPS in front of each IDR
+
+
+def _ue(value: int) -> str:
+    code = bin(value + 1)[2:]
+    return "0" * (len(code) - 1) + code
+
+
+def _escape(rbsp: bytes) -> bytes:
+    """Insert emulation-prevention bytes (H.264 7.4.1)."""
+    out = bytearray()
+    zeros = 0
+    for byte in rbsp:
+        if zeros >= 2 and byte <= 3:
+            out.append(3)
+            zeros = 0
+        out.append(byte)
+        zeros = zeros + 1 if byte == 0 else 0
+    return bytes(out)
+
+
+def _slice(nal_header: int, first_mb: int, slice_type: int) -> bytes:
+    bits = _ue(first_mb) + _ue(slice_type) + "1"  # then a stop bit
+    bits += "0" * (-len(bits) % 8)
+    rbsp = int(bits, 2).to_bytes(len(bits) // 8, "big")
+    return bytes((nal_header,)) + _escape(rbsp)
+
+
+@pytest.mark.parametrize(
+    ("slice_type", "expected"),
+    [(0, h264.SLICE_P), (5, h264.SLICE_P), (1, h264.SLICE_B), (6, h264.SLICE_B),
+     (2, h264.SLICE_I), (7, h264.SLICE_I), (3, h264.SLICE_SP), (9, h264.SLICE_SI)],
+)  # fmt: skip
+def test_slice_type(slice_type: int, expected: int) -> None:
+    assert h264.slice_type(_slice(0x01, 0, slice_type)) == expected
+    assert h264.slice_type(_slice(0x65, 99, slice_type)) == expected
+
+
+def test_slice_type_removes_emulation_prevention() -> None:
+    # first_mb_in_slice = 2**22 - 1: 22 leading zero bits put 00 00 02 in the RBSP.
+    nalu = _slice(0x21, 2**22 - 1, 1)
+    assert b"\x00\x00\x03\x02" in nalu
+    assert h264.slice_type(nalu) == h264.SLICE_B
+    assert h264.unescape_rbsp(b"\x00\x00\x03\x01\x00\x00\x03") == b"\x00\x00\x01\x00\x00"
+
+
+def test_slice_type_errors() -> None:
+    with pytest.raises(ValueError, match="not a coded slice NALU"):
+        h264.slice_type(b"\x67\x42")
+    with pytest.raises(ValueError, match="slice header truncated"):
+        h264.slice_type(b"\x41\x00")
+    with pytest.raises(ValueError, match=r"slice_type 12 is out of range \(0-9\)"):
+        h264.slice_type(_slice(0x41, 0, 12))
+
+
+def test_picture_info() -> None:
+    non_ref_b = _slice(0x01, 0, 6)  # nal_ref_idc 0
+    ref_b = _slice(0x21, 0, 6)  # nal_ref_idc 1 (B-pyramid)
+    p = _slice(0x41, 0, 5)
+    assert h264.picture_info([b"\x09\xf0", non_ref_b]) == h264.PictureInfo(True, False)
+    assert h264.picture_info([ref_b]) == h264.PictureInfo(True, True)
+    assert h264.picture_info([p, p]) == h264.PictureInfo(False, True)
+    assert h264.picture_info([b"\x06\x05", b"\x41\x00"]) is None  # SEI, unparsable slice
+    assert h264.nal_ref_idc(b"\x65") == 3 and h264.nal_ref_idc(b"\x01") == 0
+
+
+def test_split_annexb() -> None:
+    stream = b"\x00\x00\x00\x01\x67\x42\x00\x00\x01\x68\xce\x00\x00\x00\x01\x65\x88\x00"
+    assert h264.split_annexb(stream) == [b"\x67\x42", b"\x68\xce", b"\x65\x88\x00"]
+    assert h264.split_annexb(b"no start code") == []

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 from itertools import pairwise
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
-from srsrelay.config import AudioConfig, HubConfig
+from srsrelay.config import AudioConfig, HubConfig, VideoConfig
 from srsrelay.hub import h264
 from srsrelay.hub.frames import MediaKind, RtpFrame
 from srsrelay.hub.registry import Hub, StreamBusy, StreamNotFound
-from srsrelay.hub.stream import Stream
+from srsrelay.hub.stream import MAX_CONSECUTIVE_ERRORS, PublishRejected, Stream
 from srsrelay.rtmp import flv
 from tests.test_flv import TAG_AUDIO, TAG_VIDEO, FileTag, make_flv, read_flv_tags
 from tests.test_h264 import depacketize
@@ -49,8 +50,24 @@ def tags(tmp_path_factory: pytest.TempPathFactory) -> list[FileTag]:
     return read_flv_tags(path)
 
 
-def new_stream(hub_config: HubConfig | None = None, payload_size: int = PAYLOAD_SIZE) -> Stream:
-    return Stream("live", "test", "pub-1", hub_config or HubConfig(), AudioConfig(), payload_size)
+PASSTHROUGH = VideoConfig(bframes="passthrough")
+"""The fixture file has B-frames (x264 defaults): these tests look at them unchanged."""
+
+
+def new_stream(
+    hub_config: HubConfig | None = None,
+    payload_size: int = PAYLOAD_SIZE,
+    video_config: VideoConfig = PASSTHROUGH,
+) -> Stream:
+    return Stream(
+        "live",
+        "test",
+        "pub-1",
+        hub_config or HubConfig(),
+        AudioConfig(),
+        payload_size,
+        video_config,
+    )
 
 
 def feed(stream: Stream, tags: list[FileTag], now: float = 100.0) -> None:
@@ -202,11 +219,11 @@ def test_malformed_and_unsupported_tags_are_counted(tags: list[FileTag]) -> None
     reader = Recorder()
     stream.add_reader(reader)
     with capture_logs() as logs:
-        stream.on_video_tag(0, b"\x17\x00\x00\x00\x00\x01\x64", 1.0)  # truncated record
+        stream.on_video_tag(0, b"\x17\x01\x00\x00\x00\x00\x00\x00\x09\x65", 1.0)
         stream.on_video_tag(0, b"\x17\x01\x00\x00\x00\x00\x00\x00\x09\x65", 1.5)
         stream.on_audio_tag(0, b"\xaf", 3.0)
-        stream.on_audio_tag(0, b"\x2f\xff\xfb", 3.0)
-        stream.on_audio_tag(20, b"\x2f\xff\xfb", 3.0)
+        stream.on_audio_tag(0, b"\xb6\x00\x01", 3.0)
+        stream.on_audio_tag(20, b"\xb6\x00\x01", 3.0)
         stream.on_video_tag(0, b"\x22\x00", 3.0)
     assert stream.stats.errors == 3
     assert stream.stats.frames_in == 6
@@ -215,12 +232,12 @@ def test_malformed_and_unsupported_tags_are_counted(tags: list[FileTag]) -> None
     assert events == [
         (
             "video tag dropped",
-            "AVC sequence header truncated: need 7 bytes, got 2",
+            "NALU length 9 at offset 0 runs past the end of the 5-byte packet",
             None,
         ),
         # The second error, 0.5 s later, is counted but not logged.
         ("audio tag dropped", "AAC audio tag truncated: need 2 bytes, got 1", None),
-        ("audio codec not supported, audio dropped", None, "MP3"),
+        ("audio codec not supported, audio dropped", None, "Speex"),
         ("video codec not supported, video dropped", None, "Sorenson H.263"),
     ]
     # The stream still works afterwards.
@@ -240,7 +257,11 @@ def test_changed_audio_config_replaces_transcoder(tags: list[FileTag], tmp_path:
     assert stream.aac_config == flv.AacConfig(2, 22050, 1)
     after = reader.audio()[before:]
     assert 45 <= len(after) <= 55
-    assert after[0].timestamp >= 3000 * 48
+    # The stream clock starts at the first tag; the gap between the files is kept.
+    first_raw = [t.timestamp_ms for t in tags if t.kind == TAG_AUDIO][1]
+    second_raw = [t.timestamp_ms for t in shifted][1]
+    gap = after[0].timestamp - reader.audio()[0].timestamp
+    assert abs(gap - (second_raw - first_raw) * 48) <= 2 * 960, gap
     assert stream.stats.errors == 0
 
 
@@ -270,8 +291,22 @@ class Kicks:
         self.reasons.append(reason)
 
 
-def new_hub(takeover: bool = False) -> Hub:
-    return Hub(HubConfig(takeover=takeover), AudioConfig(), PAYLOAD_SIZE)
+class Clock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def new_hub(takeover: bool = False, grace: float = 0.0, clock: Clock | None = None) -> Hub:
+    return Hub(
+        HubConfig(takeover=takeover, reconnect_grace=grace),
+        AudioConfig(),
+        PAYLOAD_SIZE,
+        PASSTHROUGH,
+        clock=clock or Clock(),
+    )
 
 
 def test_registry_busy_and_not_found() -> None:
@@ -344,3 +379,190 @@ def test_kick_failure_is_contained() -> None:
 
     hub.publish("live", "test", "pub-1", bad_kick)
     assert hub.publish("live", "test", "pub-2", Kicks()).publisher_id == "pub-2"
+
+
+def test_reconnect_within_grace_keeps_stream_and_readers(tags: list[FileTag]) -> None:
+    clock = Clock(1000.0)
+    hub = new_hub(grace=10.0, clock=clock)
+    first_kick = Kicks()
+    stream = hub.publish("live", "test", "pub-1", first_kick)
+    reader = Recorder()
+    stream.add_reader(reader)
+    feed(stream, tags, now=1000.0)
+    before = reader.video()
+    last_ts = before[-1].timestamp
+
+    clock.now = 1002.0
+    with capture_logs() as logs:
+        hub.unpublish(stream)
+    assert not stream.ended and not stream.publishing
+    assert reader.ended == 0
+    assert hub.find("live", "test") is stream
+    assert ("publisher left, waiting for it to come back", 10.0) in [
+        (e["event"], e.get("grace")) for e in logs
+    ]
+    hub.expire(1011.9)  # not yet
+    assert not stream.ended
+
+    # A new publisher within the grace period continues the same stream object.
+    clock.now = 1003.0
+    again = hub.publish("live", "test", "pub-2", Kicks())
+    assert again is stream and stream.publishing and stream.publisher_id == "pub-2"
+    assert stream.stats.publishers == 2
+    # Its timestamps start at 0 again and it begins with a non-keyframe: both handled.
+    video = video_tags(tags)
+    inter = [t for t, v in video if v.frame_type is flv.VideoFrameType.INTER][:2]
+    for tag in inter:
+        stream.on_video_tag(tag.timestamp_ms, tag.body, 1003.0)
+    assert len(reader.video()) == len(before), "frames before the first keyframe are dropped"
+    feed(stream, tags, now=1003.0)
+    after = reader.video()[len(before) :]
+    assert after[0].keyframe
+    assert len(after) == 50
+    # Continuous and monotonic: the new publisher's first tag lands where the old one's
+    # last tag was plus the 3 s of wall clock in between (tags arrived at 1000, 1003).
+    gap_ms = (after[0].timestamp - last_ts) / 90
+    assert 3000 <= gap_ms <= 3000 + 300, gap_ms
+    assert reader.ended == 0
+    hub.expire(2000.0)  # live again: nothing to expire
+    assert not stream.ended
+
+
+def test_grace_expiry_ends_stream_with_reason() -> None:
+    clock = Clock(50.0)
+    hub = new_hub(grace=10.0, clock=clock)
+    stream = hub.publish("live", "test", "pub-1", Kicks())
+    reader = Recorder()
+    stream.add_reader(reader)
+    hub.unpublish(stream)
+    hub.unpublish(stream)  # idempotent while waiting
+    with capture_logs() as logs:
+        hub.expire(60.0)
+    assert stream.ended and reader.ended == 1
+    assert hub.streams() == []
+    ended = [e for e in logs if e["event"] == "stream ended"]
+    assert ended[0]["reason"] == "publisher did not come back within hub.reconnect_grace=10s"
+    # The name is free: a new publisher gets a new stream.
+    assert hub.publish("live", "test", "pub-2", Kicks()) is not stream
+
+
+async def test_grace_timer_on_the_running_loop() -> None:
+    hub = Hub(HubConfig(reconnect_grace=0.05), AudioConfig(), PAYLOAD_SIZE)
+    stream = hub.publish("live", "test", "pub-1", Kicks())
+    reader = Recorder()
+    stream.add_reader(reader)
+    hub.unpublish(stream)
+    # Coming back cancels the timer.
+    assert hub.publish("live", "test", "pub-2", Kicks()) is stream
+    await asyncio.sleep(0.1)
+    assert not stream.ended
+    hub.unpublish(stream)
+    await asyncio.sleep(0.1)
+    assert stream.ended and reader.ended == 1 and hub.streams() == []
+
+
+def test_takeover_with_grace_continues_stream() -> None:
+    hub = new_hub(takeover=True, grace=10.0)
+    old_kick = Kicks()
+    stream = hub.publish("live", "test", "pub-1", old_kick)
+    reader = Recorder()
+    stream.add_reader(reader)
+    assert hub.publish("live", "test", "pub-2", Kicks()) is stream
+    assert old_kick.reasons == ["taken over by pub-2"]
+    assert reader.ended == 0 and stream.publisher_id == "pub-2"
+
+
+def test_close_ends_waiting_streams_too() -> None:
+    hub = new_hub(grace=10.0)
+    kick = Kicks()
+    stream = hub.publish("live", "test", "pub-1", kick)
+    hub.unpublish(stream)
+    hub.close()
+    assert stream.ended and hub.streams() == []
+    assert kick.reasons == []  # its publisher is already gone
+
+
+def test_new_parameter_sets_mid_stream_go_before_the_next_idr(
+    tags: list[FileTag], tmp_path: Path
+) -> None:
+    import av
+
+    small = read_flv_tags(make_flv(tmp_path / "small.flv", seconds=1, size="160x120"))
+    stream = new_stream()
+    reader = Recorder()
+    stream.add_reader(reader)
+    feed(stream, [t for t in tags if t.kind == TAG_VIDEO])
+    first_profile = stream.avc_config
+    # The same publisher sends a new sequence header (320x240 -> 160x120), then back.
+    later = [FileTag(t.kind, t.timestamp_ms + 2000, t.body) for t in small if t.kind == TAG_VIDEO]
+    feed(stream, later)
+    assert stream.avc_config != first_profile
+    again = [FileTag(t.kind, t.timestamp_ms + 3000, t.body) for t in tags if t.kind == TAG_VIDEO]
+    feed(stream, again)
+    frames = reader.video()
+    assert len(frames) == 50 + 25 + 50
+    assert all(b.timestamp > a.timestamp for a, b in pairwise(f for f in frames if f.keyframe))
+    # A receiver decoding in arrival order sees both sizes and no errors.
+    decoder = av.CodecContext.create("h264", "r")
+    sizes = []
+    for frame in frames:
+        data = b"".join(b"\x00\x00\x00\x01" + n for n in depacketize(frame.payloads))
+        for picture in decoder.decode(av.Packet(data)):
+            sizes.append((picture.width, picture.height))
+    sizes += [(p.width, p.height) for p in decoder.decode(None)]
+    assert len(sizes) == 125
+    changes = [b for a, b in pairwise(sizes) if a != b]
+    assert changes == [(160, 120), (320, 240)]
+
+
+def _avc_record(sps_count: int) -> bytes:
+    return b"\x01\x64\x00\x1f\xff" + bytes((0xE0 | sps_count,)) + b"\x01\x00\x02\x68\xee"
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "reason"),
+    [
+        (
+            TAG_VIDEO,
+            b"\x17\x00\x00\x00\x00" + _avc_record(0),
+            "unusable AVC sequence header: AVC sequence header has no SPS",
+        ),
+        (
+            TAG_VIDEO,
+            b"\x17\x00\x00\x00\x00\x01\x64",
+            "unusable AVC sequence header: AVC sequence header truncated: need 7 bytes, got 2",
+        ),
+        (
+            TAG_AUDIO,
+            b"\xaf\x00" + bytes((0b01111_010, 0b0_0010_000)),  # object type 15, 44.1 kHz
+            "AAC audio object type 15 is not supported "
+            "(supported: Main, LC, LTP, HE-AAC (SBR), HE-AACv2 (PS); use AAC-LC)",
+        ),
+    ],
+)
+def test_unusable_config_rejects_the_publish(kind: int, body: bytes, reason: str) -> None:
+    stream = new_stream()
+    with capture_logs() as logs, pytest.raises(PublishRejected) as info:
+        if kind == TAG_VIDEO:
+            stream.on_video_tag(0, body, 1.0)
+        else:
+            stream.on_audio_tag(0, body, 1.0)
+    assert str(info.value) == f"stream live/test: {reason}"
+    assert [(e["event"], e["reason"]) for e in logs] == [("publish rejected", reason)]
+
+
+def test_many_malformed_tags_in_a_row_reject_the_publish(tags: list[FileTag]) -> None:
+    stream = new_stream()
+    feed(stream, tags[:10])
+    overrun = b"\x27\x01\x00\x00\x00\x00\x00\x10\x00\x41"  # NALU length past the tag
+    for i in range(MAX_CONSECUTIVE_ERRORS - 1):
+        stream.on_video_tag(100 + i, overrun, 1.0)
+    feed(stream, tags[10:12])  # a good tag resets the count
+    for i in range(MAX_CONSECUTIVE_ERRORS - 1):
+        stream.on_video_tag(200 + i, overrun, 1.0)
+    with pytest.raises(PublishRejected) as info:
+        stream.on_video_tag(300, overrun, 1.0)
+    assert str(info.value) == (
+        f"stream live/test: {MAX_CONSECUTIVE_ERRORS} malformed tags in a row, the last: "
+        "NALU length 4096 at offset 0 runs past the end of the 5-byte packet"
+    )

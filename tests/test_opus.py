@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from itertools import pairwise
 from pathlib import Path
 
@@ -9,9 +11,12 @@ import av
 import numpy as np
 import pytest
 
+from srsrelay.config import AudioConfig, HubConfig
+from srsrelay.hub.frames import RtpFrame
 from srsrelay.hub.opus import OPUS_FRAME_SAMPLES, AacToOpus
+from srsrelay.hub.stream import Stream
 from srsrelay.rtmp import flv
-from tests.test_flv import TAG_AUDIO, make_flv, read_flv_tags
+from tests.test_flv import TAG_AUDIO, FileTag, make_flv, read_flv_tags
 
 AacStream = tuple[bytes, list[tuple[int, bytes]]]
 
@@ -131,3 +136,72 @@ def test_closed_transcoder_returns_nothing(source: AacStream) -> None:
 def test_bad_config_is_rejected() -> None:
     with pytest.raises(av.error.FFmpegError):
         AacToOpus(b"\xff\xff\xff", 64_000)
+
+
+def _audio_flv(path: Path, codec: str, rate: int, channels: int) -> list[FileTag]:
+    cmd = [
+        "ffmpeg", "-hide_banner", "-loglevel", "error", "-y",
+        "-f", "lavfi", "-i", f"sine=frequency=440:sample_rate={rate}", "-t", "2",
+        "-c:a", codec, "-ar", str(rate), "-ac", str(channels), str(path),
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True, timeout=60)
+    return [t for t in read_flv_tags(path) if t.kind == TAG_AUDIO]
+
+
+def _through_stream(tags: list[FileTag]) -> tuple[Stream, list[RtpFrame]]:
+    stream = Stream("live", "a", "pub-1", HubConfig(), AudioConfig(opus_bitrate=32_000), 1200)
+    frames: list[RtpFrame] = []
+
+    class Reader:
+        def on_frame(self, frame: RtpFrame) -> None:
+            frames.append(frame)
+
+        def on_stream_end(self) -> None:
+            pass
+
+    stream.add_reader(Reader())
+    for tag in tags:
+        stream.on_audio_tag(tag.timestamp_ms, tag.body, 1.0)
+    return stream, frames
+
+
+def _decoded_level(frames: list[RtpFrame]) -> tuple[int, int, float]:
+    """(sample rate, channels, RMS) of the Opus packets decoded as a browser would."""
+    decoder = av.CodecContext.create("opus", "r")
+    decoder.sample_rate = 48_000
+    decoder.layout = "stereo"
+    samples = []
+    rate = channels = 0
+    for frame in frames:
+        for out in decoder.decode(av.Packet(frame.payloads[0])):
+            rate, channels = out.sample_rate, out.layout.nb_channels
+            samples.append(out.to_ndarray().astype(np.float64).ravel())
+    pcm = np.concatenate(samples)
+    return rate, channels, float(np.sqrt(np.mean(pcm**2)))
+
+
+@pytest.mark.parametrize(
+    ("codec", "rate", "channels", "sound_format"),
+    [
+        ("aac", 44_100, 1, flv.SOUND_FORMAT_AAC),
+        ("aac", 16_000, 1, flv.SOUND_FORMAT_AAC),
+        ("libmp3lame", 44_100, 2, flv.SOUND_FORMAT_MP3),
+        ("libmp3lame", 22_050, 1, flv.SOUND_FORMAT_MP3),
+    ],
+)
+def test_any_audio_shape_becomes_opus_48k_stereo(
+    tmp_path: Path, codec: str, rate: int, channels: int, sound_format: int
+) -> None:
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg is not installed")
+    tags = _audio_flv(tmp_path / "a.flv", codec, rate, channels)
+    assert flv.parse_audio_tag(tags[-1].body).sound_format == sound_format
+    stream, frames = _through_stream(tags)
+    assert stream.has_audio and not stream.has_video
+    assert stream.stats.errors == 0
+    # 2 s of audio in 20 ms Opus frames, give or take the encoders' priming and padding.
+    assert 95 <= len(frames) <= 110, len(frames)
+    assert all(b.timestamp - a.timestamp == OPUS_FRAME_SAMPLES for a, b in pairwise(frames))
+    out_rate, out_channels, rms = _decoded_level(frames)
+    assert (out_rate, out_channels) == (48_000, 2)
+    assert rms > 0.05, "the tone must come through, not silence"

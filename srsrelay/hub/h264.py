@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 NAL_SLICE = 1
 NAL_IDR = 5
@@ -134,3 +135,116 @@ def _fu_a(nalu: bytes, max_payload: int) -> list[bytes]:
             header |= _FU_END
         fragments.append(bytes((indicator, header)) + body[start : start + step])
     return fragments
+
+
+SLICE_P = 0
+SLICE_B = 1
+SLICE_I = 2
+SLICE_SP = 3
+SLICE_SI = 4
+SLICE_HEADER_PROBE = 16
+"""Bytes of a slice NALU read to find slice_type: two ue(v) of at most 33 bits each,
+plus emulation-prevention bytes, fit easily."""
+_MAX_UE_ZEROS = 31
+
+
+def nal_ref_idc(nalu: bytes) -> int:
+    """nal_ref_idc (bits 5-6 of the first byte): 0 means no other picture refers to it."""
+    return (nalu[0] >> 5) & 0x03
+
+
+def unescape_rbsp(data: bytes) -> bytes:
+    """Remove emulation-prevention bytes: 00 00 03 -> 00 00 (H.264 7.4.1)."""
+    if b"\x00\x00\x03" not in data:
+        return data
+    out = bytearray()
+    zeros = 0
+    for byte in data:
+        if zeros >= 2 and byte == 0x03:
+            zeros = 0
+            continue
+        out.append(byte)
+        zeros = zeros + 1 if byte == 0 else 0
+    return bytes(out)
+
+
+def _read_ue(value: int, total: int, pos: int) -> tuple[int, int]:
+    """One Exp-Golomb ue(v) at bit `pos` of the `total`-bit big-endian `value`."""
+    zeros = 0
+    while True:
+        if pos >= total:
+            raise ValueError("slice header truncated")
+        if (value >> (total - 1 - pos)) & 1:
+            break
+        zeros += 1
+        pos += 1
+        if zeros > _MAX_UE_ZEROS:
+            raise ValueError("slice header has an Exp-Golomb code longer than 32 bits")
+    pos += 1
+    if pos + zeros > total:
+        raise ValueError("slice header truncated")
+    suffix = (value >> (total - pos - zeros)) & ((1 << zeros) - 1) if zeros else 0
+    return (1 << zeros) - 1 + suffix, pos + zeros
+
+
+def slice_type(nalu: bytes) -> int:
+    """slice_type modulo 5 (SLICE_P, SLICE_B, SLICE_I, SLICE_SP, SLICE_SI) of a coded
+    slice NALU (type 1 or 5), from first_mb_in_slice and slice_type (H.264 7.3.3).
+
+    Raises ValueError for other NALU types or a truncated header.
+    """
+    if not nalu or nal_type(nalu) not in (NAL_SLICE, NAL_IDR):
+        raise ValueError("not a coded slice NALU")
+    rbsp = unescape_rbsp(nalu[1 : 1 + SLICE_HEADER_PROBE])
+    value = int.from_bytes(rbsp, "big")
+    total = len(rbsp) * 8
+    _, pos = _read_ue(value, total, 0)  # first_mb_in_slice
+    kind, _ = _read_ue(value, total, pos)
+    if kind > 9:
+        raise ValueError(f"slice_type {kind} is out of range (0-9)")
+    return kind % 5
+
+
+@dataclass(frozen=True, slots=True)
+class PictureInfo:
+    """What the slice headers of one access unit say about reordering."""
+
+    is_b: bool
+    """At least one slice is a B slice."""
+    is_reference: bool
+    """Some slice has nal_ref_idc != 0: later pictures may predict from this one."""
+
+
+def picture_info(nalus: Sequence[bytes]) -> PictureInfo | None:
+    """Slice type and reference flag of an access unit; None if it has no coded slice
+    whose header parses."""
+    is_b = False
+    is_reference = False
+    found = False
+    for nalu in nalus:
+        if not nalu or nal_type(nalu) not in (NAL_SLICE, NAL_IDR):
+            continue
+        try:
+            kind = slice_type(nalu)
+        except ValueError:
+            continue
+        found = True
+        is_b = is_b or kind == SLICE_B
+        is_reference = is_reference or nal_ref_idc(nalu) != 0
+    return PictureInfo(is_b, is_reference) if found else None
+
+
+def split_annexb(data: bytes) -> list[bytes]:
+    """NALUs of an Annex B byte stream (00 00 01 / 00 00 00 01 start codes)."""
+    nalus: list[bytes] = []
+    starts: list[tuple[int, int]] = []
+    pos = data.find(b"\x00\x00\x01")
+    while pos >= 0:
+        starts.append((pos, pos + 3))
+        pos = data.find(b"\x00\x00\x01", pos + 3)
+    for i, (_, begin) in enumerate(starts):
+        end = starts[i + 1][0] if i + 1 < len(starts) else len(data)
+        nalu = data[begin:end].rstrip(b"\x00") if i + 1 < len(starts) else data[begin:end]
+        if nalu:
+            nalus.append(bytes(nalu))
+    return nalus

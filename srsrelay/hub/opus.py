@@ -31,13 +31,18 @@ ERROR_LOG_INTERVAL = 1.0
 class AacToOpus:
     """Transcode one stream's AAC frames to Opus packets with 48 kHz RTP timestamps."""
 
-    def __init__(self, asc: bytes, bitrate: int) -> None:
-        """`asc` is the AudioSpecificConfig from the AAC sequence header.
+    def __init__(self, asc: bytes | None, bitrate: int, codec: str = "aac") -> None:
+        """`asc` is the AudioSpecificConfig from the AAC sequence header (None for
+        `codec` "mp3", whose frames carry their own headers).
 
         Raises av.error.FFmpegError (or ValueError) if FFmpeg rejects the config.
         """
-        self._decoder = av.CodecContext.create("aac", "r")
-        self._decoder.extradata = asc
+        decoder = av.CodecContext.create(codec, "r")
+        if not isinstance(decoder, av.AudioCodecContext):
+            raise ValueError(f"{codec} is not an audio codec")
+        self._decoder = decoder
+        if asc is not None:
+            self._decoder.extradata = asc
         self._decoder.open()
         self._encoder = av.CodecContext.create("libopus", "w")
         self._encoder.sample_rate = AUDIO_CLOCK_RATE
@@ -69,7 +74,8 @@ class AacToOpus:
         )
 
     def encode(self, aac_frame: bytes, timestamp_ms: int) -> list[tuple[bytes, int]]:
-        """Transcode one raw AAC frame; return (Opus packet, RTP timestamp) pairs.
+        """Transcode one raw AAC frame (or MP3 tag body); return (Opus packet, RTP
+        timestamp) pairs.
 
         Usually 0..2 packets: Opus frames are 20 ms, AAC frames ~21-46 ms. Never raises
         for bad input: failures are counted in `errors` and logged at most once a second.

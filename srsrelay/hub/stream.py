@@ -6,17 +6,22 @@ parse, packetize H.264, transcode AAC to Opus, cache the current GOP, fan out.
 
 from __future__ import annotations
 
+import asyncio
+import enum
+import functools
 import time
+import typing
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import av.error
 import structlog
 
-from srsrelay.config import AudioConfig, HubConfig
-from srsrelay.hub import h264
+from srsrelay.config import AudioConfig, HubConfig, VideoConfig
+from srsrelay.hub import h264, transcode
 from srsrelay.hub.frames import VIDEO_CLOCK_RATE, MediaKind, RtpFrame
 from srsrelay.hub.opus import AacToOpus
+from srsrelay.hub.timeline import Timeline, Track
 from srsrelay.rtmp import flv
 
 log = structlog.get_logger(__name__)
@@ -26,6 +31,42 @@ DEFAULT_NALU_LENGTH_SIZE = 4
 """Used for NALUs that arrive before any sequence header (what every encoder sends)."""
 ERROR_LOG_INTERVAL = 1.0
 """Seconds between two log lines about the same kind of failure in one stream."""
+
+
+BFRAMES_ADVICE = (
+    "set B-frames to 0 in the encoder (ffmpeg: -bf 0 or -tune zerolatency; "
+    "OBS: x264 options bframes=0, or Tune zerolatency)"
+)
+
+
+MAX_CONSECUTIVE_ERRORS = 50
+"""Malformed tags in a row after which the publish is rejected (about 1-2 s of media)."""
+AAC_OBJECT_TYPES = {1: "Main", 2: "LC", 4: "LTP", 5: "HE-AAC (SBR)", 29: "HE-AACv2 (PS)"}
+"""Audio object types FFmpeg's AAC decoder handles (ISO/IEC 14496-3 Table 1.17)."""
+
+
+class PublishRejected(Exception):
+    """The publisher sent input the stream cannot use: its publish should be closed.
+    The message names the stream and what is wrong."""
+
+
+class BframesPolicy(enum.Enum):
+    """What the stream does with H.264 B-frames (setting video.bframes)."""
+
+    DROP = "drop"
+    """Drop non-reference B-frames; the rest decodes in order at a lower frame rate."""
+    TRANSCODE = "transcode"
+    """Re-encode the stream once without B-frames (PyAV, libx264 zerolatency)."""
+    PASSTHROUGH = "passthrough"
+    """Send B-frames unchanged (browsers mostly fail to play them)."""
+
+
+class PublishState(enum.Enum):
+    LIVE = "live"
+    """A publisher is attached."""
+    WAITING = "waiting"
+    """The publisher left; readers stay for hub.reconnect_grace."""
+    ENDED = "ended"
 
 
 class StreamReader(Protocol):
@@ -66,6 +107,14 @@ class StreamStats:
     """Opus packets sent to readers."""
     errors: int = 0
     """Malformed tags or frames that failed to transcode."""
+    bframes_dropped: int = 0
+    """Non-reference B-frames dropped (video.bframes = "drop")."""
+    frames_transcoded: int = 0
+    """Video frames re-encoded without B-frames."""
+    timestamp_jumps: int = 0
+    """Publisher timestamps that jumped and were re-anchored on the stream clock."""
+    publishers: int = 0
+    """Publishers that published this stream (more than 1 after reconnects)."""
     reader_errors: int = 0
     """Exceptions raised by readers (a reader bug; the frame still went to the others)."""
 
@@ -95,6 +144,7 @@ class Stream:
         hub_config: HubConfig,
         audio_config: AudioConfig,
         payload_size: int,
+        video_config: VideoConfig | None = None,
     ) -> None:
         self.app = app
         self.name = name
@@ -111,6 +161,29 @@ class Stream:
         self.avc_config: flv.AvcConfig | None = None
         self.aac_config: flv.AacConfig | None = None
         self.ended = False
+        self.state = PublishState.LIVE
+        self.left_at: float | None = None
+        """time.monotonic() when the publisher left (state WAITING), else None."""
+        self._video_config = video_config or VideoConfig()
+        self.bframes_policy = BframesPolicy(self._video_config.bframes)
+        """The active B-frame policy: the configured one, unless a fallback replaced it."""
+        self.has_bframes = False
+        """The stream's video reorders pictures (B-frames or a composition time offset)."""
+        self._bframes_logged = False
+        self._timeline = Timeline()
+        self._timeline_jumps_logged = False
+        self._last_video_ts = -1
+        """RTP timestamp of the last video frame sent (drop/transcode keep it increasing)."""
+        self._await_keyframe = False
+        """Drop video until the next IDR (after a new publisher attached, or the policy
+        switched to transcoding)."""
+        self._video_transcoder: transcode.H264Transcoder | transcode.ThreadedTranscoder | None = (
+            None
+        )
+        self._transcode_generation = 0
+        """Changes whenever the video transcoder is replaced: late results are ignored."""
+        self._audio_codec = "aac"
+        self.stats.publishers = 1
         self._hub_config = hub_config
         self._audio_config = audio_config
         self._payload_size = payload_size
@@ -120,6 +193,7 @@ class Stream:
         self._tag_error_log = _Throttle(ERROR_LOG_INTERVAL)
         self._reader_error_log = _Throttle(ERROR_LOG_INTERVAL)
         self._raw_before_config_logged = False
+        self._consecutive_errors = 0
 
     # -- publisher side -------------------------------------------------------------
 
@@ -137,9 +211,15 @@ class Stream:
         try:
             tag = flv.parse_video_tag(body)
             if tag.packet_type is flv.AvcPacketType.SEQUENCE_HEADER:
-                self._on_avc_config(flv.parse_avc_config(tag.data))
+                try:
+                    config = flv.parse_avc_config(tag.data)
+                    self._on_avc_config(config)
+                except flv.FlvError as exc:
+                    self._reject(f"unusable AVC sequence header: {exc}")
             elif tag.packet_type is flv.AvcPacketType.NALU:
-                self._on_nalus(timestamp_ms + tag.composition_time, tag.data, received_at)
+                dts = self._map_time(Track.VIDEO, timestamp_ms, received_at)
+                self._on_nalus(dts, tag.composition_time, tag.data, received_at)
+            self._consecutive_errors = 0
         except flv.UnsupportedCodec as exc:
             self._unsupported(exc)
         except flv.FlvError as exc:
@@ -153,49 +233,238 @@ class Stream:
         self.stats.bytes_in += len(body)
         try:
             tag = flv.parse_audio_tag(body)
-            if tag.packet_type is flv.AacPacketType.SEQUENCE_HEADER:
+            if tag.sound_format == flv.SOUND_FORMAT_MP3:
+                self._on_mp3(received_at)
+            elif tag.packet_type is flv.AacPacketType.SEQUENCE_HEADER:
                 self._on_aac_config(tag.data, received_at)
-            else:
-                self._on_aac_frame(timestamp_ms, tag.data, received_at)
+                return
+            ts = self._map_time(Track.AUDIO, timestamp_ms, received_at)
+            self._on_aac_frame(ts, tag.data, received_at)
+            self._consecutive_errors = 0
         except flv.UnsupportedCodec as exc:
             self._unsupported(exc)
         except flv.FlvError as exc:
             self._tag_error("audio tag dropped", exc, received_at)
 
+    def _map_time(self, track: Track, timestamp_ms: int, now: float) -> int:
+        mapped = self._timeline.map(track, timestamp_ms, now)
+        if mapped.jumped:
+            self.stats.timestamp_jumps += 1
+            if not self._timeline_jumps_logged:
+                self._timeline_jumps_logged = True
+                log.warning(
+                    "publisher timestamps jumped; stream clock continued from the last frame",
+                    stream=self.key,
+                    track=track.value,
+                    timestamp_ms=timestamp_ms,
+                    stream_ms=mapped.ms,
+                )
+        return mapped.ms
+
+    # -- publishers come and go ---------------------------------------------------------
+
+    @property
+    def publishing(self) -> bool:
+        """A publisher is attached (False while waiting for a reconnect)."""
+        return self.state is PublishState.LIVE
+
+    def _set_state(self, new: PublishState, **extra: object) -> None:
+        old, self.state = self.state, new
+        log.info("stream state", stream=self.key, old=old.value, new=new.value, **extra)
+
+    def detach(self, now: float) -> None:
+        """The publisher left; readers stay attached until attach() or end()."""
+        if self.state is not PublishState.LIVE:
+            return
+        self.left_at = now
+        self._set_state(PublishState.WAITING, publisher=self.publisher_id)
+
+    def attach(self, publisher_id: str) -> None:
+        """A new publisher continues this stream: its timestamps continue the stream
+        clock and video resumes at its first keyframe."""
+        if self.ended:
+            raise RuntimeError(f"stream {self.key} has ended")
+        previous = self.publisher_id
+        self.publisher_id = publisher_id
+        self.left_at = None
+        self.stats.publishers += 1
+        self._timeline.new_publisher()
+        self._await_keyframe = True
+        if self._video_transcoder is not None:
+            # The new publisher starts a new coded stream: decode it from its keyframe.
+            self._stop_video_transcoder()
+        self._set_state(PublishState.LIVE, publisher=publisher_id, previous=previous)
+
+    # -- video ----------------------------------------------------------------------
+
     def _on_avc_config(self, config: flv.AvcConfig) -> None:
         if config == self.avc_config:
             return
-        self.avc_config = config
-        self.has_video = True
         try:
-            self.profile_level_id = h264.profile_level_id(config.sps[0])
+            profile = h264.profile_level_id(config.sps[0])
         except ValueError as exc:
             raise flv.FlvError(f"AVC sequence header: {exc}") from None
+        changed = self.avc_config is not None
+        self.avc_config = config
+        self.has_video = True
+        if self._video_transcoder is None:
+            self.profile_level_id = profile
+        else:
+            # New parameter sets: restart decoding at the next keyframe.
+            self._stop_video_transcoder()
+            self._await_keyframe = True
         log.info(
-            "video config",
+            "video config changed" if changed else "video config",
             stream=self.key,
-            profile_level_id=self.profile_level_id,
+            profile_level_id=profile,
             nalu_length_size=config.nalu_length_size,
         )
 
-    def _on_nalus(self, pts_ms: int, data: bytes, received_at: float) -> None:
+    def _on_nalus(self, dts_ms: int, cts_ms: int, data: bytes, received_at: float) -> None:
         config = self.avc_config
         length_size = config.nalu_length_size if config else DEFAULT_NALU_LENGTH_SIZE
         nalus = flv.split_nalus(data, length_size)
         keyframe = h264.has_idr(nalus)
+        info = h264.picture_info(nalus)
+        if not self.has_bframes and (cts_ms != 0 or (info is not None and info.is_b)):
+            self.has_bframes = True
+        if self.has_bframes:
+            self._on_bframes(info)
+        policy = self.bframes_policy
+        if self.has_bframes and policy is BframesPolicy.TRANSCODE:
+            self._transcode(data, dts_ms, dts_ms + cts_ms, keyframe, received_at)
+            return
+        if (
+            self.has_bframes
+            and policy is BframesPolicy.DROP
+            and info is not None
+            and info.is_b
+            and not info.is_reference
+        ):
+            self.stats.bframes_dropped += 1
+            return
         if keyframe and config is not None:
             nalus = h264.with_parameter_sets(nalus, config.sps, config.pps)
+        timestamp = max(0, dts_ms + cts_ms) * VIDEO_TICKS_PER_MS
+        if policy is not BframesPolicy.PASSTHROUGH:
+            # What is left is in presentation order; keep it strictly increasing.
+            timestamp = max(timestamp, self._last_video_ts + 1)
+        self._emit_video(nalus, timestamp, keyframe, received_at)
+
+    def _on_bframes(self, info: h264.PictureInfo | None) -> None:
+        """Log the B-frames once; fall back when dropping them is unsafe."""
+        if not self._bframes_logged:
+            self._bframes_logged = True
+            log.warning(
+                "stream has B-frames",
+                stream=self.key,
+                policy=self.bframes_policy.value,
+                advice=BFRAMES_ADVICE,
+            )
+        if self.bframes_policy is BframesPolicy.DROP and info is not None:
+            if info.is_b and info.is_reference:
+                # B-pyramid: later pictures predict from this B-frame, dropping it
+                # would break them.
+                fallback = (
+                    BframesPolicy.TRANSCODE if transcode.available() else BframesPolicy.PASSTHROUGH
+                )
+                log.warning(
+                    "stream uses B-frames as references (B-pyramid): they cannot be dropped",
+                    stream=self.key,
+                    policy=fallback.value,
+                    advice=BFRAMES_ADVICE + ", or b-pyramid=none",
+                )
+                self._switch_policy(fallback)
+        if self.bframes_policy is BframesPolicy.TRANSCODE and not transcode.available():
+            log.warning(
+                "libx264 is not available for video.bframes = transcode; passing B-frames through",
+                stream=self.key,
+            )
+            self._switch_policy(BframesPolicy.PASSTHROUGH)
+
+    def _switch_policy(self, policy: BframesPolicy) -> None:
+        self.bframes_policy = policy
+        if policy is BframesPolicy.TRANSCODE:
+            self._await_keyframe = True
+
+    def _transcode(
+        self, data: bytes, dts_ms: int, pts_ms: int, keyframe: bool, received_at: float
+    ) -> None:
+        config = self.avc_config
+        if self._video_transcoder is None:
+            if not keyframe or config is None:
+                self._await_keyframe = True
+                return  # the decoder must start at an IDR with its parameter sets
+            try:
+                transcoder = transcode.H264Transcoder(
+                    transcode.avc_record(config),
+                    self._video_config.transcode_keyframe_interval,
+                    _frame_rate(self.metadata),
+                )
+            except (av.error.FFmpegError, ValueError) as exc:
+                log.warning(
+                    "video transcoder failed to start; passing B-frames through",
+                    stream=self.key,
+                    error=str(exc),
+                )
+                self.bframes_policy = BframesPolicy.PASSTHROUGH
+                return
+            self._transcode_generation += 1
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self._video_transcoder = transcoder  # no loop: transcode inline
+            else:
+                output = functools.partial(self._on_transcoded, self._transcode_generation)
+                self._video_transcoder = transcode.ThreadedTranscoder(transcoder, loop, output)
+        worker = self._video_transcoder
+        if isinstance(worker, transcode.ThreadedTranscoder):
+            worker.submit(data, dts_ms, pts_ms, keyframe, received_at)
+            return
+        errors_before = worker.errors
+        pictures = worker.encode(data, dts_ms, pts_ms)
+        self.stats.errors += worker.errors - errors_before
+        self._on_transcoded(self._transcode_generation, pictures, received_at)
+
+    def _stop_video_transcoder(self) -> None:
+        if self._video_transcoder is not None:
+            self._video_transcoder.close()
+            self._video_transcoder = None
+        self._transcode_generation += 1
+
+    def _on_transcoded(
+        self, generation: int, pictures: list[transcode.EncodedPicture], received_at: float
+    ) -> None:
+        if self.ended or generation != self._transcode_generation:
+            return  # from a transcoder that was replaced or stopped since
+        for picture in pictures:
+            self.stats.frames_transcoded += 1
+            if picture.keyframe:
+                sps = next((n for n in picture.nalus if h264.nal_type(n) == h264.NAL_SPS), None)
+                if sps is not None and len(sps) >= 4:
+                    self.profile_level_id = h264.profile_level_id(sps)
+            timestamp = max(max(0, picture.pts_ms) * VIDEO_TICKS_PER_MS, self._last_video_ts + 1)
+            self._emit_video(picture.nalus, timestamp, picture.keyframe, received_at)
+
+    def _emit_video(
+        self, nalus: list[bytes], timestamp: int, keyframe: bool, received_at: float
+    ) -> None:
+        if self._await_keyframe:
+            if not keyframe:
+                return
+            self._await_keyframe = False
         payloads = tuple(h264.packetize(nalus, self._payload_size))
         if not payloads:
             return  # only AUD / filler
         frame = RtpFrame(
             kind=MediaKind.VIDEO,
-            timestamp=max(0, pts_ms) * VIDEO_TICKS_PER_MS,
+            timestamp=timestamp,
             keyframe=keyframe,
             payloads=payloads,
             size=sum(len(p) for p in payloads),
             received_at=received_at,
         )
+        self._last_video_ts = max(self._last_video_ts, timestamp)
         self._cache(frame)
         self.stats.video_frames += 1
         self._fan_out(frame)
@@ -216,12 +485,35 @@ class Stream:
         gop.frames.append(frame)
         gop.size += frame.size
 
-    def _on_aac_config(self, asc: bytes, received_at: float) -> None:
-        if asc == self._asc:
+    def _on_mp3(self, received_at: float) -> None:
+        """Start the MP3 decoder at the first MP3 tag (MP3 has no sequence header)."""
+        if self._audio_codec == "mp3" and self._transcoder is not None:
             return
-        config = flv.parse_audio_specific_config(asc)
+        self._close_transcoder()
+        self._audio_codec = "mp3"
+        try:
+            self._transcoder = AacToOpus(None, self._audio_config.opus_bitrate, codec="mp3")
+        except (av.error.FFmpegError, ValueError) as exc:
+            self._tag_error("MP3 decoder failed to start", exc, received_at)
+            return
+        self.has_audio = True
+        log.info("audio config", stream=self.key, codec="MP3")
+
+    def _on_aac_config(self, asc: bytes, received_at: float) -> None:
+        if asc == self._asc and self._audio_codec == "aac":
+            return
+        try:
+            config = flv.parse_audio_specific_config(asc)
+        except flv.FlvError as exc:
+            self._reject(f"unusable AAC sequence header: {exc}")
+        if config.object_type not in AAC_OBJECT_TYPES:
+            self._reject(
+                f"AAC audio object type {config.object_type} is not supported "
+                f"(supported: {', '.join(AAC_OBJECT_TYPES.values())}; use AAC-LC)"
+            )
         self._close_transcoder()
         self._asc = asc
+        self._audio_codec = "aac"
         try:
             self._transcoder = AacToOpus(asc, self._audio_config.opus_bitrate)
         except (av.error.FFmpegError, ValueError) as exc:
@@ -272,8 +564,15 @@ class Stream:
 
     def _tag_error(self, event: str, exc: Exception, now: float) -> None:
         self.stats.errors += 1
+        self._consecutive_errors += 1
         if self._tag_error_log.ready(now):
             log.warning(event, stream=self.key, error=str(exc), errors=self.stats.errors)
+        if self._consecutive_errors >= MAX_CONSECUTIVE_ERRORS:
+            self._reject(f"{self._consecutive_errors} malformed tags in a row, the last: {exc}")
+
+    def _reject(self, reason: str) -> typing.NoReturn:
+        log.warning("publish rejected", stream=self.key, reason=reason)
+        raise PublishRejected(f"stream {self.key}: {reason}")
 
     def _fan_out(self, frame: RtpFrame) -> None:
         # A copy: a reader may remove itself (or others) from inside on_frame.
@@ -300,11 +599,12 @@ class Stream:
         if reader in self.readers:
             self.readers.remove(reader)
 
-    def end(self) -> None:
-        """Stop the stream: tell every reader, release the transcoder. Idempotent."""
+    def end(self, reason: str = "unpublished") -> None:
+        """Stop the stream: tell every reader, release the transcoders. Idempotent."""
         if self.ended:
             return
         self.ended = True
+        self._set_state(PublishState.ENDED, reason=reason)
         readers, self.readers = self.readers, []
         for reader in readers:
             try:
@@ -312,10 +612,18 @@ class Stream:
             except Exception:
                 log.exception("reader failed on stream end", stream=self.key)
         self._close_transcoder()
+        if self._video_transcoder is not None:
+            self._stop_video_transcoder()
         self.gop = GopCache(generation=self.gop.generation + 1)
         log.info(
             "stream ended",
             stream=self.key,
+            reason=reason,
+            publishers=self.stats.publishers,
+            has_bframes=self.has_bframes,
+            bframes_policy=self.bframes_policy.value,
+            bframes_dropped=self.stats.bframes_dropped,
+            timestamp_jumps=self.stats.timestamp_jumps,
             duration=round(time.time() - self.started_at, 1),
             frames_in=self.stats.frames_in,
             bytes_in=self.stats.bytes_in,
@@ -327,3 +635,11 @@ class Stream:
             self._transcoder.close()
             self._transcoder = None
         self._asc = None
+
+
+def _frame_rate(metadata: dict[str, object]) -> float:
+    """The publisher's frame rate from onMetaData, or 0 if it gave none."""
+    value = metadata.get("framerate", metadata.get("videoframerate"))
+    if isinstance(value, int | float) and 0 < value <= 240:
+        return float(value)
+    return 0.0

@@ -49,6 +49,7 @@ class AacPacketType(enum.IntEnum):
 
 
 CODEC_ID_AVC = 7
+SOUND_FORMAT_MP3 = 2
 SOUND_FORMAT_AAC = 10
 AVC_TAG_HEADER_SIZE = 5
 AAC_TAG_HEADER_SIZE = 2
@@ -140,8 +141,10 @@ class AvcConfig:
 
 @dataclass(frozen=True, slots=True)
 class AudioTag:
-    """A parsed AAC audio tag body."""
+    """A parsed AAC or MP3 audio tag body."""
 
+    sound_format: int
+    """SOUND_FORMAT_AAC or SOUND_FORMAT_MP3."""
     sound_rate: int
     """Nominal rate from the tag header (AAC always says 44100; the ASC is authoritative)."""
     sound_size: int
@@ -149,9 +152,9 @@ class AudioTag:
     channels: int
     """1 (mono) or 2 (stereo) from the tag header."""
     packet_type: AacPacketType
-    """AudioSpecificConfig or raw frame."""
+    """AudioSpecificConfig or raw frame (MP3 is always RAW)."""
     data: bytes
-    """AudioSpecificConfig bytes, or one raw AAC frame."""
+    """AudioSpecificConfig bytes, one raw AAC frame, or MP3 frames with their headers."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,11 +290,22 @@ def split_nalus(data: bytes, length_size: int) -> list[bytes]:
 
 
 def parse_audio_tag(body: bytes) -> AudioTag:
-    """Parse an RTMP type 8 message body. Raises UnsupportedCodec for anything but AAC."""
+    """Parse an RTMP type 8 message body. Raises UnsupportedCodec for anything but AAC
+    and MP3."""
     if not body:
         raise FlvError("audio tag is empty")
     first = body[0]
     sound_format = first >> 4
+    if sound_format == SOUND_FORMAT_MP3:
+        # No packet type byte: the rest is MP3 frames, each with its own header.
+        return AudioTag(
+            sound_format=SOUND_FORMAT_MP3,
+            sound_rate=_SOUND_RATES[(first >> 2) & 0x03],
+            sound_size=16 if first & 0x02 else 8,
+            channels=2 if first & 0x01 else 1,
+            packet_type=AacPacketType.RAW,
+            data=bytes(body[1:]),
+        )
     if sound_format != SOUND_FORMAT_AAC:
         raise UnsupportedCodec("audio", _SOUND_FORMATS.get(sound_format, f"id {sound_format}"))
     if len(body) < AAC_TAG_HEADER_SIZE:
@@ -303,6 +317,7 @@ def parse_audio_tag(body: bytes) -> AudioTag:
     except ValueError:
         raise FlvError(f"AAC audio tag has unknown packet type {body[1]}") from None
     return AudioTag(
+        sound_format=SOUND_FORMAT_AAC,
         sound_rate=_SOUND_RATES[(first >> 2) & 0x03],
         sound_size=16 if first & 0x02 else 8,
         channels=2 if first & 0x01 else 1,

@@ -15,7 +15,7 @@ import structlog
 
 from srsrelay.config import RtmpConfig
 from srsrelay.hub.registry import Hub, StreamBusy
-from srsrelay.hub.stream import Stream
+from srsrelay.hub.stream import PublishRejected, Stream
 from srsrelay.rtmp.connection import (
     ConnectionState,
     Event,
@@ -226,6 +226,16 @@ class _Session:
                         stream.on_video_tag(event.timestamp_ms, event.body, received_at)
                     else:
                         stream.on_audio_tag(event.timestamp_ms, event.body, received_at)
+                except PublishRejected as exc:
+                    # The publisher's data cannot be relayed (e.g. no SPS): say why, no traceback.
+                    log.warning(
+                        "rtmp publish rejected",
+                        peer=self.peer,
+                        stream=self._stream_key,
+                        reason=str(exc),
+                    )
+                    self._set_reason(f"publish rejected: {exc}")
+                    self._unpublish("publish rejected")
                 except Exception:
                     self._hub_failed("media")
             elif isinstance(event, MetadataReceived):
