@@ -8,9 +8,11 @@ import pytest
 
 from srsrelay.webrtc.sdp import (
     AnswerParams,
+    H264Profile,
     OfferError,
     build_answer,
     candidate_priority,
+    h264_profile,
     parse_offer,
 )
 
@@ -69,13 +71,83 @@ def test_42001f_when_42e01f_is_not_offered() -> None:
     assert offer.video is not None and offer.video.payload_type == 102
 
 
-def test_any_packetization_mode_1_as_last_resort() -> None:
+def test_constrained_baseline_at_any_level_before_other_profiles() -> None:
     sdp = CHROME.replace("profile-level-id=42e01f", "profile-level-id=42e00b").replace(
         "profile-level-id=42001f", "profile-level-id=42000b"
     )
     offer = parse_offer(sdp, profile_level_id="640028")
+    assert offer.video is not None and offer.video.payload_type == 106
+    assert offer.video.profile_level_id == "42e00b"
+
+
+def test_any_packetization_mode_1_as_last_resort() -> None:
+    sdp = (
+        CHROME.replace("profile-level-id=42e01f", "profile-level-id=f4001f")
+        .replace("profile-level-id=42001f", "profile-level-id=f4001f")
+        .replace("profile-level-id=4d001f", "profile-level-id=f4001f")
+    )
+    offer = parse_offer(sdp, profile_level_id="640028")
     assert offer.video is not None and offer.video.payload_type == 102
-    assert offer.video.profile_level_id == "42000b"
+    assert offer.video.profile_level_id == "f4001f"
+
+
+def _video_fmtps(*fmtps: str) -> str:
+    """CHROME with its H.264 formats replaced by `fmtps` (payload types 96, 97, ...)."""
+    head, _, _ = CHROME.partition("m=video")
+    pts = [str(96 + i) for i in range(len(fmtps))]
+    lines = [f"m=video 9 UDP/TLS/RTP/SAVPF {' '.join(pts)}", "c=IN IP4 0.0.0.0",
+             "a=mid:0", "a=recvonly", "a=rtcp-mux"]  # fmt: skip
+    for pt, fmtp in zip(pts, fmtps, strict=True):
+        lines += [f"a=rtpmap:{pt} H264/90000", f"a=fmtp:{pt} packetization-mode=1;{fmtp}"]
+    ice = "\n".join(ln for ln in CHROME.splitlines() if ln.startswith(("a=ice-", "a=finger")))
+    return head + "\n".join(lines) + "\n" + ice + "\n"
+
+
+@pytest.mark.parametrize(
+    ("stream", "fmtps", "payload_type", "answer"),
+    [
+        # The stream's own profile at a higher offered level: the real id is answered.
+        ("64001f", ["profile-level-id=42e01f", "profile-level-id=640032"], 97, "64001f"),
+        # Same profile, lower offered level: only with level-asymmetry-allowed.
+        ("640028", ["profile-level-id=42e01f", "profile-level-id=64001f"], 96, "42e01f"),
+        (
+            "640028",
+            ["profile-level-id=42e01f", "level-asymmetry-allowed=1;profile-level-id=64001f"],
+            97,
+            "640028",
+        ),
+        # Constrained high (Safari's 640c1f) is not high: a high stream gets the fallback.
+        ("64001f", ["profile-level-id=640c1f", "profile-level-id=42e01f"], 97, "42e01f"),
+        # Constrained baseline spelled 4d with constraint_set0 matches 42e0.
+        ("42e01f", ["profile-level-id=4d801f"], 96, "42e01f"),
+        # No exact match: the lowest offered profile that decodes the stream.
+        ("42e01f", ["profile-level-id=640c1f", "profile-level-id=4d001f"], 97, "4d001f"),
+        ("4d001f", ["profile-level-id=42e01f", "profile-level-id=64001f"], 97, "64001f"),
+        ("640c1f", ["profile-level-id=42e01f", "profile-level-id=640034"], 97, "640034"),
+        # Plain baseline (FMO/ASO allowed) is decoded only by baseline decoders.
+        ("42001f", ["profile-level-id=4d001f", "profile-level-id=42e01f"], 97, "42e01f"),
+    ],
+)
+def test_profile_selection(stream: str, fmtps: list[str], payload_type: int, answer: str) -> None:
+    offer = parse_offer(_video_fmtps(*fmtps), profile_level_id=stream)
+    assert offer.video is not None
+    assert (offer.video.payload_type, offer.video.profile_level_id) == (payload_type, answer)
+
+
+@pytest.mark.parametrize(
+    ("pli", "profile", "level"),
+    [
+        ("42e01f", H264Profile.CONSTRAINED_BASELINE, 31),
+        ("42001f", H264Profile.BASELINE, 31),
+        ("4d0028", H264Profile.MAIN, 40),
+        ("640c34", H264Profile.CONSTRAINED_HIGH, 52),
+        ("640032", H264Profile.HIGH, 50),
+        ("42f00b", H264Profile.CONSTRAINED_BASELINE, 9),
+        ("f4001f", H264Profile.OTHER, 31),
+    ],
+)
+def test_h264_profile(pli: str, profile: H264Profile, level: int) -> None:
+    assert h264_profile(pli) == (profile, level)
 
 
 def test_packetization_mode_0_only_is_not_usable() -> None:

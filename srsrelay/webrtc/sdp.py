@@ -6,6 +6,7 @@ m-lines (BUNDLE, RFC 8843) and RTP/RTCP multiplexing (RFC 5761).
 
 from __future__ import annotations
 
+import enum
 import re
 import secrets
 from collections.abc import Sequence
@@ -136,14 +137,75 @@ def _int(value: str, what: str) -> int:
         raise OfferError(f"offer is not SDP: bad {what} {value!r}") from None
 
 
+class H264Profile(enum.Enum):
+    """H.264 profiles as WebRTC tells them apart (RFC 6184 section 8.1, profile_idc
+    plus the constraint_set flags of profile-iop)."""
+
+    CONSTRAINED_BASELINE = "constrained baseline"
+    BASELINE = "baseline"
+    MAIN = "main"
+    CONSTRAINED_HIGH = "constrained high"
+    HIGH = "high"
+    OTHER = "other"
+
+
+_DECODED_BY: dict[H264Profile, tuple[H264Profile, ...]] = {
+    # A decoder for each listed profile decodes the key profile's streams (H.264 A.2).
+    H264Profile.CONSTRAINED_BASELINE: (
+        H264Profile.CONSTRAINED_BASELINE,
+        H264Profile.BASELINE,
+        H264Profile.MAIN,
+        H264Profile.CONSTRAINED_HIGH,
+        H264Profile.HIGH,
+    ),
+    H264Profile.BASELINE: (H264Profile.BASELINE,),
+    H264Profile.MAIN: (H264Profile.MAIN, H264Profile.HIGH),
+    H264Profile.CONSTRAINED_HIGH: (H264Profile.CONSTRAINED_HIGH, H264Profile.HIGH),
+    H264Profile.HIGH: (H264Profile.HIGH,),
+    H264Profile.OTHER: (),
+}
+
+
+def h264_profile(profile_level_id: str) -> tuple[H264Profile, int]:
+    """The profile and level_idc of a profile-level-id (6 hex digits)."""
+    value = int(profile_level_id, 16)
+    idc, iop, level = value >> 16, (value >> 8) & 0xFF, value & 0xFF
+    set0, set1, set3 = bool(iop & 0x80), bool(iop & 0x40), bool(iop & 0x10)
+    if idc == 0x42:
+        profile = H264Profile.CONSTRAINED_BASELINE if set1 else H264Profile.BASELINE
+    elif idc == 0x4D:
+        profile = H264Profile.CONSTRAINED_BASELINE if set0 else H264Profile.MAIN
+    elif idc == 0x58:
+        profile = H264Profile.CONSTRAINED_BASELINE if set0 and set1 else H264Profile.OTHER
+    elif idc == 0x64:
+        # constraint_set4 and constraint_set5: no B slices, progressive only.
+        profile = H264Profile.CONSTRAINED_HIGH if iop & 0x0C == 0x0C else H264Profile.HIGH
+    else:
+        profile = H264Profile.OTHER
+    if idc in (0x42, 0x4D, 0x58) and level == 11 and set3:
+        level = 9  # level 1b (H.264 A.3.1)
+    return profile, level
+
+
 def _choose_h264(section: MediaSection, stream_profile: str | None) -> VideoChoice | None:
+    """Pick the offered H.264 format for a stream with `stream_profile`.
+
+    1. The stream's own profile, at a level the viewer accepts (offered level at least
+       the stream's, or level-asymmetry-allowed=1): the answer carries the stream's
+       real profile-level-id.
+    2. Otherwise the closest offered profile that can decode the stream (the lowest
+       superset, e.g. main for a constrained-baseline stream), nearest level first.
+    3. Otherwise constrained baseline, then baseline (browsers decode higher profiles
+       whatever the SDP says; constrained baseline is what every browser accepts),
+       then the first usable format.
+    """
     candidates = [
         c
         for c in section.codecs
         if c.name.upper() == "H264"
         and c.clock_rate == 90000
         and c.fmtp.get("packetization-mode") == "1"
-        and _PROFILE.match(c.fmtp.get("profile-level-id", "42001f"))
+        and _PROFILE.match(c.fmtp.get("profile-level-id", "42000a"))
     ]
     if not candidates:
         return None
@@ -152,12 +214,47 @@ def _choose_h264(section: MediaSection, stream_profile: str | None) -> VideoChoi
         # RFC 6184 section 8.1: profile-level-id defaults to 42000a; browsers always send it.
         return c.fmtp.get("profile-level-id", "42000a").lower()
 
-    wanted = [stream_profile.lower()] if stream_profile else []
-    chosen = None
-    for p in [*wanted, *FALLBACK_PROFILES]:
-        chosen = next((c for c in candidates if profile(c) == p), None)
-        if chosen is not None:
-            break
+    chosen: Codec | None = None
+    answer_profile: str | None = None
+    if stream_profile and _PROFILE.match(stream_profile):
+        wanted, level = h264_profile(stream_profile)
+
+        def level_distance(c: Codec) -> tuple[int, int]:
+            offered = h264_profile(profile(c))[1]
+            return (0, offered - level) if offered >= level else (1, level - offered)
+
+        def accepts_level(c: Codec) -> bool:
+            asymmetric = c.fmtp.get("level-asymmetry-allowed") == "1"
+            return asymmetric or h264_profile(profile(c))[1] >= level
+
+        same = [
+            c
+            for c in candidates
+            if wanted is not H264Profile.OTHER
+            and h264_profile(profile(c))[0] is wanted
+            and accepts_level(c)
+        ]
+        if same:
+            chosen = min(same, key=level_distance)
+            answer_profile = stream_profile.lower()
+        else:
+            supersets = _DECODED_BY[wanted][1:]
+            able = [c for c in candidates if h264_profile(profile(c))[0] in supersets]
+            if able:
+                chosen = min(
+                    able,
+                    key=lambda c: (supersets.index(h264_profile(profile(c))[0]), level_distance(c)),
+                )
+    if chosen is None:
+        for fallback in FALLBACK_PROFILES:
+            chosen = next((c for c in candidates if profile(c) == fallback), None)
+            if chosen is not None:
+                break
+    if chosen is None:
+        for kind in (H264Profile.CONSTRAINED_BASELINE, H264Profile.BASELINE):
+            chosen = next((c for c in candidates if h264_profile(profile(c))[0] is kind), None)
+            if chosen is not None:
+                break
     if chosen is None:
         chosen = candidates[0]
     rtx = next(
@@ -168,7 +265,7 @@ def _choose_h264(section: MediaSection, stream_profile: str | None) -> VideoChoi
         ),
         None,
     )
-    return VideoChoice(section.mid, chosen.payload_type, profile(chosen), rtx)
+    return VideoChoice(section.mid, chosen.payload_type, answer_profile or profile(chosen), rtx)
 
 
 def _choose_opus(section: MediaSection) -> AudioChoice | None:
@@ -378,6 +475,10 @@ def build_answer(offer: Offer, params: AnswerParams) -> str:
             out.append(f"c=IN {ip_kind} {first}")
             if section.mid is not None:
                 out.append(f"a=mid:{section.mid}")
+            # Credentials on rejected m-lines too: some stacks (aiortc) refuse an answer
+            # whose sections lack them, even at port 0.
+            out.append(f"a=ice-ufrag:{params.ice_ufrag}")
+            out.append(f"a=ice-pwd:{params.ice_pwd}")
             out.append("a=inactive")
             continue
         if i == offer.video_index:
