@@ -68,10 +68,10 @@ async def measure(speed: float, args: argparse.Namespace) -> list[ViewerResult]:
                 results.append(await one_viewer(browser, url, args.settle))
             return results
         finally:
-            await browser.close()
             publisher.terminate()
             await publisher.wait()
             relay.stop()
+            await browser.close()
 
 
 def summary(speed: float, gop: int, results: list[ViewerResult]) -> str:

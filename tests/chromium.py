@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -38,7 +41,10 @@ class Chromium:
     """One headless browser with a fresh profile, and one page driven over CDP."""
 
     def __init__(self) -> None:
-        self._profile = tempfile.TemporaryDirectory(prefix="srsrelay-chromium-")
+        # Chromium's helper processes may still write to the profile while it is removed.
+        self._profile = tempfile.TemporaryDirectory(
+            prefix="srsrelay-chromium-", ignore_cleanup_errors=True
+        )
         self._proc: subprocess.Popen[bytes] | None = None
         self._http: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
@@ -54,6 +60,7 @@ class Chromium:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group, so close() reaps the helpers
         )
         port_file = profile / "DevToolsActivePort"
         deadline = time.monotonic() + 30
@@ -112,4 +119,7 @@ class Chromium:
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
+        if self._proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
         self._profile.cleanup()
