@@ -446,6 +446,19 @@ def test_grace_expiry_ends_stream_with_reason() -> None:
     assert hub.publish("live", "test", "pub-2", Kicks()) is not stream
 
 
+def test_end_skips_the_grace_period() -> None:
+    hub = new_hub(grace=10.0, clock=Clock(50.0))
+    stream = hub.publish("live", "test", "pub-1", Kicks())
+    reader = Recorder()
+    stream.add_reader(reader)
+    with capture_logs() as logs:
+        hub.end(stream, "publish rejected: AVC sequence header has no SPS")
+    assert stream.ended and reader.ended == 1
+    assert hub.streams() == []
+    ended = [e for e in logs if e["event"] == "stream ended"]
+    assert ended[0]["reason"] == "publish rejected: AVC sequence header has no SPS"
+
+
 async def test_grace_timer_on_the_running_loop() -> None:
     hub = Hub(HubConfig(reconnect_grace=0.05), AudioConfig(), PAYLOAD_SIZE)
     stream = hub.publish("live", "test", "pub-1", Kicks())

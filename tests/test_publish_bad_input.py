@@ -287,9 +287,15 @@ async def test_bad_publishers_are_closed_and_others_keep_playing(  # type: ignor
             "stream live/overrun: 50 malformed tags in a row, the last: NALU length 65536 "
             "at offset 0 runs past the end of the 16-byte packet"
         ), reason
-        info = await stream_info(http_session, relay, "live/overrun")
-        assert info["video"] is not None, info  # the valid header was taken
-        assert info["frames_in"] == 51 and info["errors"] == 50, info
+        # The stream ends at once (no reconnect grace for data that cannot be relayed),
+        # after taking the valid header and counting every bad tag.
+        ended = events_for(relay, "stream ended", stream="live/overrun")
+        assert len(ended) == 1, ended
+        assert str(ended[0]["reason"]).startswith("publish rejected: "), ended
+        assert ended[0]["frames_in"] == 51 and ended[0]["errors"] == 50, ended
+        async with http_session.get(relay.http + "/api/v1/streams") as resp:
+            listed = [st["id"] for st in (await resp.json())["streams"]]
+        assert "live/overrun" not in listed, listed
         good.assert_playing("NAL overrun")
 
         # 3. AAC configs with an unknown audio object type (95 via the escape, and 0).

@@ -114,6 +114,12 @@ class Hub:
         log.info("publisher left, waiting for it to come back", stream=key, grace=grace)
         self._schedule_expiry(key, grace)
 
+    def end(self, stream: Stream, reason: str) -> None:
+        """End `stream` now, without waiting out hub.reconnect_grace: its publisher sent
+        data that cannot be relayed, and the same publisher coming back would too."""
+        self._cancel_timer(stream.key)
+        self._remove(stream, reason)
+
     def expire(self, now: float) -> None:
         """End every stream whose publisher left at least hub.reconnect_grace ago."""
         grace = self._hub_config.reconnect_grace

@@ -235,7 +235,7 @@ class _Session:
                         reason=str(exc),
                     )
                     self._set_reason(f"publish rejected: {exc}")
-                    self._unpublish("publish rejected")
+                    self._reject(str(exc))
                 except Exception:
                     self._hub_failed("media")
             elif isinstance(event, MetadataReceived):
@@ -287,6 +287,17 @@ class _Session:
         log.info("rtmp unpublish", peer=self.peer, stream=self._stream_key, reason=reason)
         try:
             self._hub.unpublish(stream)
+        except Exception:
+            log.exception("rtmp unpublish failed", peer=self.peer, stream=self._stream_key)
+
+    def _reject(self, reason: str) -> None:
+        """End the stream at once (no reconnect grace): its data cannot be relayed."""
+        stream = self._stream
+        if stream is None:
+            return
+        self._stream = None
+        try:
+            self._hub.end(stream, f"publish rejected: {reason}")
         except Exception:
             log.exception("rtmp unpublish failed", peer=self.peer, stream=self._stream_key)
 
