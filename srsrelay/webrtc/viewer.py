@@ -620,7 +620,7 @@ class ViewerSession:
         generation = -1
         index = 0
         sent = 0
-        started = 0.0
+        started = self._clock()
         first_ts = 0
         base = 0
         gop = self.stream.gop
