@@ -57,6 +57,7 @@ class IceStandIn:
         self.role = role
         """"controlling" makes aiortc's DTLS transport the server, "controlled" the client."""
         self._send_cb = send
+        # Bounded by `queue_size` (DTLS_QUEUE_SIZE records): `feed` drops and counts beyond it.
         self._queue: collections.deque[bytes] = collections.deque()
         self._queue_size = queue_size
         self._waiter: asyncio.Future[None] | None = None

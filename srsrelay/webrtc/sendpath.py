@@ -290,6 +290,8 @@ class SendPath:
         """Counts over all viewers."""
         self.control_queue_limit = control_queue
         self._counters_for = counters_for
+        # Together bounded by `control_queue` (rtc.control_queue) datagrams: `_enqueue`
+        # drops the oldest of the lowest priority once `_queued` reaches it.
         self._queues: dict[TrafficKind, collections.deque[_Queued]] = {
             k: collections.deque() for k in CONTROL_PRIORITY
         }
