@@ -87,7 +87,7 @@ class FakeGop:
 class FakeStream:
     """An in-memory stream: caches the GOP like the hub and fans frames out."""
 
-    def __init__(self, profile_level_id: str) -> None:
+    def __init__(self, profile_level_id: str = "42e01f") -> None:
         self.key = "live/test"
         self.profile_level_id: str | None = profile_level_id
         self.has_video = True
@@ -105,7 +105,7 @@ class FakeStream:
         if frame.kind is MediaKind.VIDEO:
             if frame.keyframe:
                 self.gop = FakeGop(self.gop.generation + 1, [frame])
-            elif self.gop.frames:
+            elif self.gop.frames and not self.gop.truncated:
                 self.gop.frames.append(frame)
         for reader in list(self.readers):
             reader.on_frame(frame)

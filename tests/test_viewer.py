@@ -11,7 +11,7 @@ import socket
 import struct
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 from aiortc.rtp import (
@@ -34,12 +34,12 @@ from srsrelay.webrtc.nack import ntp_middle32
 from srsrelay.webrtc.sdp import parse_offer
 from srsrelay.webrtc.sendpath import SendCounters, SendOutcome, SendPath, TrafficKind
 from srsrelay.webrtc.viewer import (
-    FrameReader,
     SessionState,
     TrackSender,
     ViewerSession,
     sender_report,
 )
+from tests.test_rtc_server import FakeStream
 
 OFFER = (
     "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0 1\r\n"
@@ -52,38 +52,6 @@ OFFER = (
     "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:1\r\na=recvonly\r\n"
     "a=rtpmap:111 opus/48000/2\r\n"
 )
-
-
-@dataclass
-class FakeGop:
-    generation: int = 0
-    frames: list[RtpFrame] = field(default_factory=list)
-    truncated: bool = False
-
-
-class FakeStream:
-    def __init__(self) -> None:
-        self.key = "live/test"
-        self.profile_level_id: str | None = "42e01f"
-        self.has_video = True
-        self.has_audio = True
-        self.gop = FakeGop()
-        self.readers: list[FrameReader] = []
-
-    def add_reader(self, reader: FrameReader) -> None:
-        self.readers.append(reader)
-
-    def remove_reader(self, reader: FrameReader) -> None:
-        self.readers.remove(reader)
-
-    def push(self, frame: RtpFrame) -> None:
-        if frame.kind is MediaKind.VIDEO:
-            if frame.keyframe:
-                self.gop = FakeGop(self.gop.generation + 1, [frame])
-            elif self.gop.frames and not self.gop.truncated:
-                self.gop.frames.append(frame)
-        for reader in list(self.readers):
-            reader.on_frame(frame)
 
 
 def video(index: int, keyframe: bool = False, packets: int = 3, size: int = 100) -> RtpFrame:
