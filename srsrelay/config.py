@@ -53,6 +53,9 @@ class RtmpConfig:
     """Seconds allowed to complete the handshake and publish."""
     idle_timeout: float = 30.0
     """Seconds without any byte from a connected client before it is closed."""
+    max_tag_rate: int = 300
+    """Audio and video messages per second a publisher may send on average; a burst of
+    4 seconds' worth is allowed (a backlog after a stall). More closes the publish."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,9 @@ class VideoConfig:
     """What to do with H.264 B-frames: drop (non-reference ones), transcode or passthrough."""
     transcode_keyframe_interval: float = 2.0
     """Seconds between keyframes of a re-encoded stream."""
+    transcode_to_h264: bool = False
+    """HEVC and AV1 streams are also re-encoded once to H.264 for viewers that cannot
+    receive them; off: such viewers get 406 naming the codec."""
 
 
 @dataclass(frozen=True)
@@ -169,6 +175,7 @@ packet plus RTP/SRTP/UDP/IP headers may not fit a 1500-byte Ethernet MTU."""
 RTMP_CHUNK_SIZE_RANGE = (128, 0xFFFFFF)
 """RTMP chunk sizes: 128 is the protocol default; a message length is a 24-bit field."""
 RTMP_MESSAGE_SIZE_RANGE = (4096, 0xFFFFFF)
+TAG_RATE_RANGE = (50, 100_000)
 WAIT_FOR_PUBLISHER_RANGE = (0.0, 60.0)
 """Seconds a WHEP POST may wait for a publisher; longer holds connections for nothing."""
 RATE_LIMIT_RANGE = (0.0, 100_000.0)
@@ -341,6 +348,7 @@ def validate(config: Config) -> None:
     _between("rtmp.max_message_size", rtmp.max_message_size, *RTMP_MESSAGE_SIZE_RANGE)
     _positive("rtmp.handshake_timeout", rtmp.handshake_timeout)
     _positive("rtmp.idle_timeout", rtmp.idle_timeout)
+    _between("rtmp.max_tag_rate", rtmp.max_tag_rate, *TAG_RATE_RANGE)
 
     _positive("hub.gop_cache_frames", config.hub.gop_cache_frames)
     _positive("hub.gop_cache_bytes", config.hub.gop_cache_bytes)

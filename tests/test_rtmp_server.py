@@ -12,7 +12,7 @@ from srsrelay.config import RtmpConfig
 from srsrelay.hub.registry import StreamBusy
 from srsrelay.rtmp import amf0
 from srsrelay.rtmp.chunk import ChunkReader, ChunkWriter, RtmpMessage
-from srsrelay.rtmp.server import RtmpServer
+from srsrelay.rtmp.server import RtmpServer, TagRate
 
 
 class RecordingStream:
@@ -317,3 +317,26 @@ def test_raw_client_message_framing() -> None:
     data = ChunkWriter().write(6, 9, 1, 5, bytes(300))
     assert ChunkReader(1000).feed(data) == [RtmpMessage(9, 1, 5, bytes(300), 6)]
     assert struct.unpack(">I", ChunkWriter().write(2, 1, 0, 0, b"\0\0\0\1")[-4:]) == (1,)
+
+
+def test_tag_rate_allows_the_burst_then_the_rate() -> None:
+    rate = TagRate(300)
+    assert rate.burst == 1200
+    # A backlog after a stall: the whole burst at once is fine, one more is not.
+    assert rate.take(1200, 10.0)
+    assert not rate.take(1, 10.0)
+    # Refilled at 300 a second, never beyond the burst.
+    rate = TagRate(300)
+    assert rate.take(1200, 0.0)
+    assert rate.take(300, 1.0)
+    assert not rate.take(1, 1.0)
+    assert rate.take(1200, 100.0)
+
+
+def test_tag_rate_of_a_normal_stream_never_runs_out() -> None:
+    # 60 fps video and AAC at 48 kHz (about 47 frames a second) for ten minutes.
+    rate = TagRate(300)
+    now = 0.0
+    for _ in range(600 * 100):
+        now += 0.01
+        assert rate.take(2, now)

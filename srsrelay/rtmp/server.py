@@ -34,6 +34,30 @@ READ_SIZE = 64 * 1024
 """Bytes read from a socket at once; also the StreamReader buffer limit."""
 MAX_CONNECTIONS = 1000
 """Most simultaneous RTMP connections; more are closed right after accept."""
+TAG_BURST_SECONDS = 4.0
+"""Seconds of rtmp.max_tag_rate a publisher may send at once (a backlog after a stall)."""
+
+
+class TagRate:
+    """Token bucket on a publisher's audio and video messages (sans-I/O: `now` is passed in).
+
+    A publisher may send `rate` messages per second on average and a burst of
+    TAG_BURST_SECONDS worth; `take` says when it is over.
+    """
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self.burst = rate * TAG_BURST_SECONDS
+        self._tokens = self.burst
+        self._last: float | None = None
+
+    def take(self, count: int, now: float) -> bool:
+        """Spend `count` tokens; False when the bucket is empty (the publisher is over)."""
+        if self._last is not None:
+            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+        self._tokens -= count
+        return self._tokens >= 0
 
 
 class RtmpServer:
@@ -137,6 +161,7 @@ class _Session:
         self._close_reason: str | None = None
         """Set when we decide to close; the read loop stops at the next turn."""
         self._cancelled_by_us = False
+        self._tag_rate = TagRate(config.max_tag_rate)
 
     def close(self, reason: str) -> None:
         """Close from outside the session task (kick, shutdown)."""
@@ -214,6 +239,19 @@ class _Session:
 
     def _handle(self, events: list[Event]) -> None:
         received_at = time.monotonic()
+        media = sum(1 for event in events if isinstance(event, MediaReceived))
+        if media and self._stream is not None and not self._tag_rate.take(media, received_at):
+            rate = self._config.max_tag_rate
+            reason = (
+                f"stream {self._stream_key}: more than {rate} audio/video messages per second "
+                f"(rtmp.max_tag_rate={rate}, burst {TAG_BURST_SECONDS:g} s)"
+            )
+            log.warning(
+                "rtmp publish rejected", peer=self.peer, stream=self._stream_key, reason=reason
+            )
+            self._set_reason(f"publish rejected: {reason}")
+            self._reject(reason)
+            return
         for event in events:
             if self._close_reason is not None:
                 return
