@@ -8,6 +8,7 @@ import pytest
 
 from srsrelay.webrtc.sdp import (
     AnswerParams,
+    CodecNotOffered,
     H264Profile,
     OfferError,
     build_answer,
@@ -323,3 +324,73 @@ def test_captured_chromium_offer() -> None:
     assert offer.video is not None and offer.video.profile_level_id == "42e01f"
     assert offer.audio is not None
     build_answer(offer, PARAMS)
+
+
+CHROMIUM = (FIXTURES / "chromium_offer.sdp").read_text()
+AV1_MAIN = "profile=0;level-idx=8;tier=0"
+
+
+def test_av1_stream_picks_the_offered_av1_format_of_its_profile() -> None:
+    offer = parse_offer(CHROMIUM, video_codec="AV1", video_fmtp=AV1_MAIN)
+    assert offer.video is not None
+    assert (offer.video.codec, offer.video.payload_type) == ("AV1", 45)
+    assert offer.video.rtx_payload_type == 46
+    answer = build_answer(offer, dataclasses.replace(PARAMS, video_rtx_ssrc=3333))
+    assert "m=video 8000 UDP/TLS/RTP/SAVPF 45 46\r\n" in answer
+    assert "a=rtpmap:45 AV1/90000\r\na=fmtp:45 profile=0;level-idx=8;tier=0\r\n" in answer
+    assert "a=rtcp-fb:45 nack pli\r\n" in answer
+    assert "a=fmtp:46 apt=45\r\n" in answer
+    assert "H264" not in answer
+    # Profile 1 (High) picks the other format.
+    high = parse_offer(CHROMIUM, video_codec="AV1", video_fmtp="profile=1;level-idx=8;tier=0")
+    assert high.video is not None and high.video.payload_type == 47
+
+
+def test_av1_stream_and_an_offer_without_its_profile_is_a_codec_mismatch() -> None:
+    # Profile 2 (Professional) is not offered by Chromium at all.
+    with pytest.raises(CodecNotOffered) as info:
+        parse_offer(CHROMIUM, video_codec="AV1", video_fmtp="profile=2;level-idx=8;tier=0")
+    assert info.value.codec == "AV1"
+    assert str(info.value) == (
+        "the stream's video is AV1 (profile=2;level-idx=8;tier=0) and the offer does not "
+        "accept it (no AV1 format with that profile); the relay can transcode it to H.264 "
+        "when video.transcode_to_h264 is on"
+    )
+
+
+def test_codec_mismatch_only_when_the_offer_wants_video() -> None:
+    # An audio-only offer plays the audio of an HEVC stream.
+    offer = parse_offer(_only_audio(CHROME), video_codec="H265", video_fmtp="profile-id=1")
+    assert offer.video is None and offer.audio is not None
+    # A video-only offer without H265 has nothing to play.
+    with pytest.raises(CodecNotOffered, match="HEVC"):
+        parse_offer(_only_video(CHROME), video_codec="H265", video_fmtp="profile-id=1")
+
+
+def test_h265_stream_matches_profile_id_and_its_default() -> None:
+    h265 = (
+        "a=rtpmap:49 H265/90000\na=fmtp:49 level-id=93;profile-id=1;tier-flag=0\n"
+        "a=rtpmap:50 rtx/90000\na=fmtp:50 apt=49\n"
+        "a=rtpmap:51 H265/90000\na=fmtp:51 level-id=93;profile-id=2;tier-flag=0\n"
+        "a=rtpmap:52 H265/90000\n"
+    )
+    sdp = CHROME.replace("a=rtpmap:96 VP8/90000\n", h265 + "a=rtpmap:96 VP8/90000\n")
+    sdp = sdp.replace(
+        "m=video 9 UDP/TLS/RTP/SAVPF 96", "m=video 9 UDP/TLS/RTP/SAVPF 49 50 51 52 96"
+    )
+    main = "profile-space=0;tier-flag=0;profile-id=1;level-id=93"
+    offer = parse_offer(sdp, video_codec="H265", video_fmtp=main)
+    assert offer.video is not None
+    assert (offer.video.payload_type, offer.video.rtx_payload_type) == (49, 50)
+    answer = build_answer(offer, PARAMS)
+    assert f"a=rtpmap:49 H265/90000\r\na=fmtp:49 {main}\r\n" in answer
+    main10 = parse_offer(sdp, video_codec="H265", video_fmtp="profile-id=2")
+    assert main10.video is not None and main10.video.payload_type == 51
+    # Format 52 gives no profile-id: Main (1) by default, so a Main stream could use it.
+    only_default = sdp.replace(
+        "m=video 9 UDP/TLS/RTP/SAVPF 49 50 51 52 96", "m=video 9 UDP/TLS/RTP/SAVPF 52 96"
+    )
+    offer = parse_offer(only_default, video_codec="H265", video_fmtp=main)
+    assert offer.video is not None and offer.video.payload_type == 52
+    with pytest.raises(CodecNotOffered):
+        parse_offer(only_default, video_codec="H265", video_fmtp="profile-id=2")

@@ -29,6 +29,19 @@ class OfferError(ValueError):
     """The offer cannot be answered; the message says why."""
 
 
+class CodecNotOffered(OfferError):
+    """The offer wants video but not in the stream's codec (HTTP 406 for WHEP)."""
+
+    def __init__(self, codec: str, message: str) -> None:
+        super().__init__(message)
+        self.codec = codec
+        """The stream's video codec as SDP names it ("H265", "AV1")."""
+
+
+CODEC_NAMES = {"H264": "H.264", "H265": "HEVC (H.265)", "AV1": "AV1"}
+"""Human-readable names of the SDP video encoding names we send."""
+
+
 @dataclass(frozen=True, slots=True)
 class Codec:
     """One payload type from an m-line."""
@@ -67,16 +80,20 @@ class MediaSection:
 
 @dataclass(frozen=True, slots=True)
 class VideoChoice:
-    """The H.264 codec we answer with."""
+    """The video codec we answer with."""
 
     mid: str | None
     """The video m-line's mid."""
     payload_type: int
-    """Payload type of the chosen H.264 codec."""
+    """Payload type of the chosen codec."""
     profile_level_id: str
-    """profile-level-id of the chosen codec, lower-case hex."""
+    """H.264: profile-level-id of the chosen codec, lower-case hex; else empty."""
     rtx_payload_type: int | None
     """The viewer's RTX payload type for it (apt=), if offered."""
+    codec: str = "H264"
+    """SDP encoding name: H264, H265 or AV1."""
+    fmtp: str = ""
+    """H265 and AV1: the answer's format parameters (the stream's own)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,15 +274,38 @@ def _choose_h264(section: MediaSection, stream_profile: str | None) -> VideoChoi
                 break
     if chosen is None:
         chosen = candidates[0]
-    rtx = next(
+    rtx = _rtx_for(section, chosen.payload_type)
+    return VideoChoice(section.mid, chosen.payload_type, answer_profile or profile(chosen), rtx)
+
+
+def _rtx_for(section: MediaSection, payload_type: int) -> int | None:
+    return next(
         (
             c.payload_type
             for c in section.codecs
-            if c.name.lower() == "rtx" and c.fmtp.get("apt") == str(chosen.payload_type)
+            if c.name.lower() == "rtx" and c.fmtp.get("apt") == str(payload_type)
         ),
         None,
     )
-    return VideoChoice(section.mid, chosen.payload_type, answer_profile or profile(chosen), rtx)
+
+
+def _choose_passthrough(section: MediaSection, codec: str, fmtp: str) -> VideoChoice | None:
+    """Pick the offered H265 or AV1 format for a stream whose parameters are `fmtp`.
+
+    A format whose profile (H265 profile-id, AV1 profile) differs from the stream's
+    cannot decode it; one that leaves the profile out takes the default (RFC 7798
+    section 7.1: 1, Main; AV1 RTP section 7.2.1: 0, Main).
+    """
+    ours = _parse_fmtp(fmtp)
+    key, default = ("profile-id", "1") if codec == "H265" else ("profile", "0")
+    for c in section.codecs:
+        if c.name.upper() != codec or c.clock_rate != 90000:
+            continue
+        if c.fmtp.get(key, default) != ours.get(key, default):
+            continue
+        rtx = _rtx_for(section, c.payload_type)
+        return VideoChoice(section.mid, c.payload_type, "", rtx, codec, fmtp)
+    return None
 
 
 def _choose_opus(section: MediaSection) -> AudioChoice | None:
@@ -281,11 +321,16 @@ def parse_offer(
     profile_level_id: str | None = None,
     want_video: bool = True,
     want_audio: bool = True,
+    video_codec: str = "H264",
+    video_fmtp: str = "",
 ) -> Offer:
     """Parse `sdp` and choose the codecs to answer with.
 
-    `profile_level_id` is the stream's H.264 profile; `want_video`/`want_audio` say
-    which tracks the stream has. Raises OfferError.
+    `video_codec` is the stream's video codec (H264, H265 or AV1); `profile_level_id`
+    is an H.264 stream's profile, `video_fmtp` the format parameters of the others.
+    `want_video`/`want_audio` say which tracks the stream has. Raises OfferError, and
+    CodecNotOffered when an H265/AV1 stream meets an offer that wants video in
+    another codec.
     """
     lines = [ln.strip() for ln in sdp.strip().splitlines() if ln.strip()]
     if not lines or lines[0] != "v=0":
@@ -367,11 +412,16 @@ def parse_offer(
     video_index = audio_index = None
     video = audio = None
     offered_video = offered_audio = False
+    video_wanted = False
     for i, section in enumerate(media):
         if section.port == 0 or section.direction not in ("recvonly", "sendrecv"):
             continue
         if section.kind == "video" and video is None:
-            video = _choose_h264(section, profile_level_id)
+            video_wanted = True
+            if video_codec == "H264":
+                video = _choose_h264(section, profile_level_id)
+            else:
+                video = _choose_passthrough(section, video_codec, video_fmtp)
             if video is not None:
                 offered_video = True
                 video_index = i if want_video else None
@@ -380,13 +430,30 @@ def parse_offer(
             if audio is not None:
                 offered_audio = True
                 audio_index = i if want_audio else None
+    if video_codec != "H264" and want_video and video_wanted and not offered_video:
+        name = CODEC_NAMES.get(video_codec, video_codec)
+        params = f" ({video_fmtp})" if video_fmtp else ""
+        raise CodecNotOffered(
+            video_codec,
+            f"the stream's video is {name}{params} and the offer does not accept it "
+            f"(no {video_codec} format with that profile); the relay can transcode it to "
+            "H.264 when video.transcode_to_h264 is on",
+        )
     if not offered_video and not offered_audio:
-        raise OfferError("offer has no H.264 (packetization-mode=1) video and no Opus audio")
+        name = (
+            "H.264 (packetization-mode=1)"
+            if video_codec == "H264"
+            else CODEC_NAMES.get(video_codec, video_codec)
+        )
+        raise OfferError(f"offer has no {name} video and no Opus audio")
     if video_index is None and audio_index is None:
         has = "video" if want_video else "audio" if want_audio else "no tracks"
         offered = " and ".join(
             name
-            for name, ok in (("H.264 video", offered_video), ("Opus audio", offered_audio))
+            for name, ok in (
+                (f"{CODEC_NAMES.get(video_codec, video_codec)} video", offered_video),
+                ("Opus audio", offered_audio),
+            )
             if ok
         )
         raise OfferError(f"offer accepts {offered} but the stream has {has}")
@@ -505,11 +572,14 @@ def build_answer(offer: Offer, params: AnswerParams) -> str:
             assert offer.video is not None
             v = offer.video
             pt = v.payload_type
-            out.append(f"a=rtpmap:{pt} H264/90000")
-            out.append(
-                f"a=fmtp:{pt} level-asymmetry-allowed=1;packetization-mode=1;"
-                f"profile-level-id={v.profile_level_id}"
-            )
+            out.append(f"a=rtpmap:{pt} {v.codec}/90000")
+            if v.codec == "H264":
+                out.append(
+                    f"a=fmtp:{pt} level-asymmetry-allowed=1;packetization-mode=1;"
+                    f"profile-level-id={v.profile_level_id}"
+                )
+            elif v.fmtp:
+                out.append(f"a=fmtp:{pt} {v.fmtp}")
             for fb in ("nack", "nack pli", "ccm fir", "goog-remb"):
                 out.append(f"a=rtcp-fb:{pt} {fb}")
             ssrcs = [params.video_ssrc]
