@@ -53,6 +53,10 @@ class RtmpConfig:
     """Seconds allowed to complete the handshake and publish."""
     idle_timeout: float = 30.0
     """Seconds without any byte from a connected client before it is closed."""
+    max_publishers: int = 100
+    """Most streams being published at once; one more publish is refused."""
+    max_connections_per_ip: int = 10
+    """Most RTMP connections from one IP address at once; more are closed at accept."""
     max_tag_rate: int = 300
     """Audio and video messages per second a publisher may send on average; a burst of
     4 seconds' worth is allowed (a backlog after a stall). More closes the publish."""
@@ -155,6 +159,38 @@ class RtcConfig:
 
 
 @dataclass(frozen=True)
+class ApiConfig:
+    access: str = "local"
+    """Who may use /api/v1/... and /metrics: "local" (loopback clients only), "token"
+    (any client with a bearer token from `tokens`) or "open". /api/v1/health is open."""
+    tokens: tuple[str, ...] = ()
+    """Bearer tokens for access = "token" (RFC 6750)."""
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    publish_keys: tuple[str, ...] = ()
+    """Keys a publisher must give as ?key=<key> after the stream name; empty: none needed."""
+
+
+@dataclass(frozen=True)
+class HooksConfig:
+    on_publish: str = ""
+    """URL POSTed (JSON) before a publish starts; a 2xx answer allows it. Empty: no hook."""
+    on_unpublish: str = ""
+    """URL POSTed when a publish ends (its answer is not waited on for anything)."""
+    on_play: str = ""
+    """URL POSTed before a WHEP viewer is accepted; a 2xx answer allows it."""
+    on_stop: str = ""
+    """URL POSTed when a viewer session ends."""
+    timeout: float = 2.0
+    """Seconds a hook may take to answer."""
+    fail_open: bool = False
+    """A hook that is down, slow or answers garbage allows the action (true) or refuses
+    it (false)."""
+
+
+@dataclass(frozen=True)
 class Config:
     log: LogConfig = field(default_factory=LogConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
@@ -164,10 +200,15 @@ class Config:
     audio: AudioConfig = field(default_factory=AudioConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     rtc: RtcConfig = field(default_factory=RtcConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    hooks: HooksConfig = field(default_factory=HooksConfig)
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "console", "json")
+API_ACCESS = ("local", "token", "open")
+HOOK_TIMEOUT_RANGE = (0.1, 30.0)
 ICE_URL_SCHEMES = ("stun:", "turn:", "turns:")
 PAYLOAD_SIZE_RANGE = (300, 1400)
 """RTP payload bounds: below 300 bytes fragmentation overhead dominates; above 1400 the
@@ -188,6 +229,8 @@ KEYFRAME_INTERVAL_RANGE = (0.5, 10.0)
 OPUS_BITRATE_RANGE = (6_000, 510_000)
 """RFC 6716 section 2.1.1: Opus covers 6 kb/s to 510 kb/s."""
 _BEARER_TOKEN = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
+_STREAM_KEY = re.compile(r"^[A-Za-z0-9\-._~]{1,256}$")
+_HOOK_URL = re.compile(r"^https?://[^\s/?#]+(?:[/?#]\S*)?$")
 _BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
 
 
@@ -349,6 +392,8 @@ def validate(config: Config) -> None:
     _positive("rtmp.handshake_timeout", rtmp.handshake_timeout)
     _positive("rtmp.idle_timeout", rtmp.idle_timeout)
     _between("rtmp.max_tag_rate", rtmp.max_tag_rate, *TAG_RATE_RANGE)
+    _positive("rtmp.max_publishers", rtmp.max_publishers)
+    _positive("rtmp.max_connections_per_ip", rtmp.max_connections_per_ip)
 
     _positive("hub.gop_cache_frames", config.hub.gop_cache_frames)
     _positive("hub.gop_cache_bytes", config.hub.gop_cache_bytes)
@@ -399,6 +444,19 @@ def validate(config: Config) -> None:
     _positive("rtc.keyframe_cache_age", rtc.keyframe_cache_age)
     _fraction("rtc.congestion_loss", rtc.congestion_loss)
     _positive("rtc.overload_timeout", rtc.overload_timeout)
+
+    api = config.api
+    _one_of("api.access", api.access, API_ACCESS)
+    for i, token in enumerate(api.tokens):
+        _bearer_token(f"api.tokens[{i}]", token)
+    if api.access == "token" and not api.tokens:
+        raise ConfigError('api.tokens: must list at least one token when api.access = "token"')
+    for i, key in enumerate(config.auth.publish_keys):
+        _stream_key(f"auth.publish_keys[{i}]", key)
+    hooks = config.hooks
+    for name in ("on_publish", "on_unpublish", "on_play", "on_stop"):
+        _hook_url(f"hooks.{name}", getattr(hooks, name))
+    _range("hooks.timeout", hooks.timeout, *HOOK_TIMEOUT_RANGE)
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -469,6 +527,17 @@ def _ice_url(name: str, value: str) -> None:
         raise ConfigError(
             f"{name}: must not contain spaces, commas, quotes, < or >, got {_show(value)}"
         )
+
+
+def _stream_key(name: str, value: str) -> None:
+    # Carried in the RTMP stream name's query string: no separators, no spaces.
+    if not _STREAM_KEY.match(value):
+        raise ConfigError(f"{name}: must be 1-256 letters, digits and - . _ ~ (a URL query value)")
+
+
+def _hook_url(name: str, value: str) -> None:
+    if value and not _HOOK_URL.match(value):
+        raise ConfigError(f"{name}: must be an http:// or https:// URL, got {_show(value)}")
 
 
 def _bearer_token(name: str, value: str) -> None:

@@ -294,6 +294,40 @@ BAD_TOML = [
     ),
     ("[http]\nwhep_rate_limit = -0.5\n", "http.whep_rate_limit: must be 0-100000, got -0.5"),
     ("[http]\nwhep_rate_burst = 0\n", "http.whep_rate_burst: must be 1-100000, got 0"),
+    ("[rtmp]\nmax_tag_rate = 10\n", "rtmp.max_tag_rate: must be 50-100000, got 10"),
+    ("[rtmp]\nmax_publishers = 0\n", "rtmp.max_publishers: must be greater than 0, got 0"),
+    (
+        "[rtmp]\nmax_connections_per_ip = -1\n",
+        "rtmp.max_connections_per_ip: must be greater than 0, got -1",
+    ),
+    (
+        '[video]\ntranscode_to_h264 = "on"\n',
+        'video.transcode_to_h264: must be true or false, got "on"',
+    ),
+    ('[api]\naccess = "public"\n', 'api.access: must be one of local, token, open, got "public"'),
+    (
+        '[api]\naccess = "token"\n',
+        'api.tokens: must list at least one token when api.access = "token"',
+    ),
+    (
+        '[api]\ntokens = ["a b"]\n',
+        "api.tokens[0]: must be letters, digits and - . _ ~ + / (optionally ending in =), "
+        "as a bearer token (RFC 6750)",
+    ),
+    (
+        '[auth]\npublish_keys = ["ok", "a&b"]\n',
+        "auth.publish_keys[1]: must be 1-256 letters, digits and - . _ ~ (a URL query value)",
+    ),
+    (
+        '[hooks]\non_publish = "ftp://x/"\n',
+        'hooks.on_publish: must be an http:// or https:// URL, got "ftp://x/"',
+    ),
+    (
+        '[hooks]\non_stop = "http://"\n',
+        'hooks.on_stop: must be an http:// or https:// URL, got "http://"',
+    ),
+    ("[hooks]\ntimeout = 0\n", "hooks.timeout: must be 0.1-30, got 0"),
+    ('[hooks]\nfail_open = "no"\n', 'hooks.fail_open: must be true or false, got "no"'),
 ]
 
 
