@@ -71,6 +71,44 @@ def read_flv_tags(path: Path) -> list[FileTag]:
     return tags
 
 
+def make_enhanced_flv(
+    path: Path,
+    codec: str,
+    options: dict[str, str],
+    *,
+    frames: int = 30,
+    rate: int = 25,
+    pix_fmt: str = "yuv420p",
+) -> Path:
+    """Encode a moving test pattern with PyAV into an .flv. PyAV's own FFmpeg (7.1+)
+    writes enhanced RTMP tags ('hvc1', 'av01') for HEVC and AV1, so these are tags made
+    by an independent writer."""
+    av = pytest.importorskip("av")
+    numpy = pytest.importorskip("numpy")
+    try:
+        av.codec.Codec(codec, "w")
+    except Exception:
+        pytest.skip(f"PyAV has no {codec} encoder")
+    with av.open(str(path), "w", format="flv") as out:
+        stream = out.add_stream(codec, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = 320, 240, pix_fmt
+        stream.options = options
+        noise = numpy.random.default_rng(7).integers(0, 256, (80, 160, 3), numpy.uint8)
+        for index in range(frames):
+            image = numpy.zeros((240, 320, 3), numpy.uint8)
+            image[:, (index * 10) % 300 : (index * 10) % 300 + 20] = 255
+            image[..., 1] = index * 8
+            # A moving noise patch: some coded slices exceed an RTP packet.
+            image[80:160, index : index + 160] = noise
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format=pix_fmt)
+            frame.pts = index
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
 @pytest.fixture(scope="module")
 def tags(tmp_path_factory: pytest.TempPathFactory) -> list[FileTag]:
     return read_flv_tags(make_flv(tmp_path_factory.mktemp("flv") / "av.flv"))
@@ -144,8 +182,10 @@ def test_video_tag_errors(body: bytes, message: str) -> None:
     ("body", "message"),
     [
         (b"\x22\x00", "video codec Sorenson H.263 is not supported"),
-        (b"\x1c\x00\x00\x00\x00", "video codec HEVC is not supported"),
-        (b"\x90hvc1\x00", "video codec enhanced RTMP 'hvc1' is not supported"),
+        (b"\x90vp09\x00", "video codec VP9 (enhanced RTMP 'vp09') is not supported"),
+        (b"\x90vp08", "video codec VP8 (enhanced RTMP 'vp08') is not supported"),
+        (b"\x91abcd\x00\x00\x00", "video codec enhanced RTMP 'abcd' is not supported"),
+        (b"\x96\x00\x00", "video codec enhanced RTMP multitrack video is not supported"),
     ],
 )
 def test_unsupported_video_codecs(body: bytes, message: str) -> None:
@@ -153,6 +193,151 @@ def test_unsupported_video_codecs(body: bytes, message: str) -> None:
         flv.parse_video_tag(body)
     assert str(info.value) == message
     assert info.value.kind == "video"
+
+
+def _video_tags(path: Path) -> list[flv.VideoTag]:
+    return [flv.parse_video_tag(t.body) for t in read_flv_tags(path) if t.kind == TAG_VIDEO]
+
+
+def test_real_enhanced_hevc_tags(tmp_path: Path) -> None:
+    # x265 defaults use B-frames, so both CodedFrames (cts != 0) and CodedFramesX appear.
+    path = make_enhanced_flv(
+        tmp_path / "hevc.flv", "libx265", {"x265-params": "log-level=error:keyint=10"}
+    )
+    raw = [t.body for t in read_flv_tags(path) if t.kind == TAG_VIDEO]
+    video = _video_tags(path)
+    assert {v.codec for v in video} == {flv.CODEC_HEVC}
+    assert raw[0][:5] == b"\x90hvc1"
+    assert video[0].packet_type is AvcPacketType.SEQUENCE_HEADER
+    assert video[0].frame_type is VideoFrameType.KEY
+    assert video[0].data[0] == 1  # configurationVersion of the HEVCDecoderConfigurationRecord
+    length_size = (video[0].data[21] & 0x03) + 1
+    # FFmpeg sends the colour info as an enhanced Metadata frame (AMF "colorInfo").
+    metadata = [v for v in video if v.frame_type is VideoFrameType.INFO]
+    assert metadata and all(v.packet_type is None for v in metadata)
+    assert b"colorInfo" in metadata[0].data
+    frames = [v for v in video if v.packet_type is AvcPacketType.NALU]
+    assert len(frames) == 30
+    assert any(b[0] & 0x0F == 1 for b in raw) and any(b[0] & 0x0F == 3 for b in raw)
+    assert any(v.composition_time > 0 for v in frames)
+    for tag in frames:
+        types = {(n[0] >> 1) & 0x3F for n in flv.split_nalus(tag.data, length_size)}
+        assert bool(types & set(range(16, 24))) == (tag.frame_type is VideoFrameType.KEY)
+    assert sum(v.frame_type is VideoFrameType.KEY for v in frames) >= 3  # keyint=10
+
+
+def test_real_enhanced_av1_tags(tmp_path: Path) -> None:
+    path = make_enhanced_flv(
+        tmp_path / "av1.flv", "libsvtav1", {"preset": "12", "svtav1-params": "keyint=10"}
+    )
+    raw = [t.body for t in read_flv_tags(path) if t.kind == TAG_VIDEO]
+    video = _video_tags(path)
+    assert {v.codec for v in video} == {flv.CODEC_AV1}
+    assert raw[0][:5] == b"\x90av01"
+    assert video[0].packet_type is AvcPacketType.SEQUENCE_HEADER
+    assert video[0].data[0] == 0x81  # av1C marker and version
+    frames = [v for v in video if v.packet_type is AvcPacketType.NALU]
+    assert len(frames) == 30
+    assert all(v.composition_time == 0 for v in frames)
+    for tag, body in zip(frames, [b for b in raw if b[0] & 0x0F in (1, 3)], strict=True):
+        # No composition time field: the temporal unit starts right after the FourCC.
+        assert tag.data == body[5:]
+        assert (tag.data[0] >> 3) & 0x0F in (1, 2, 6)  # sequence header, TD or frame OBU
+    assert frames[0].frame_type is VideoFrameType.KEY
+
+
+def test_legacy_hevc_codec_id_12() -> None:
+    tag = flv.parse_video_tag(b"\x1c\x01\xff\xff\xd8" + b"\x00\x00\x00\x02\x26\x01")
+    assert tag == flv.VideoTag(
+        VideoFrameType.KEY, AvcPacketType.NALU, -40, b"\x00\x00\x00\x02\x26\x01", "HEVC"
+    )
+    header = flv.parse_video_tag(b"\x1c\x00\x00\x00\x00\x01\x02")
+    assert header.packet_type is AvcPacketType.SEQUENCE_HEADER and header.codec == "HEVC"
+    assert flv.parse_video_tag(b"\x17\x01\x00\x00\x00").codec == "AVC"
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        # hvc1 CodedFrames: SI24 composition time after the FourCC.
+        (
+            b"\x91hvc1\xff\xff\xd8NAL",
+            flv.VideoTag(VideoFrameType.KEY, AvcPacketType.NALU, -40, b"NAL", "HEVC"),
+        ),
+        # CodedFramesX: no composition time field, it is 0.
+        (
+            b"\xa3hvc1NAL",
+            flv.VideoTag(VideoFrameType.INTER, AvcPacketType.NALU, 0, b"NAL", "HEVC"),
+        ),
+        (
+            b"\x90hvc1REC",
+            flv.VideoTag(VideoFrameType.KEY, AvcPacketType.SEQUENCE_HEADER, 0, b"REC", "HEVC"),
+        ),
+        (
+            b"\x92hvc1",
+            flv.VideoTag(VideoFrameType.KEY, AvcPacketType.END_OF_SEQUENCE, 0, b"", "HEVC"),
+        ),
+        # av01 CodedFrames carry no composition time.
+        (
+            b"\xa1av01\x12\x00\x32",
+            flv.VideoTag(VideoFrameType.INTER, AvcPacketType.NALU, 0, b"\x12\x00\x32", "AV1"),
+        ),
+        # Enhanced AVC: same payload as legacy AVC, with the SI24 composition time.
+        (
+            b"\x91avc1\x00\x00\x50NAL",
+            flv.VideoTag(VideoFrameType.KEY, AvcPacketType.NALU, 80, b"NAL", "AVC"),
+        ),
+        # Metadata: AMF, no picture; the frame type bits are ignored.
+        (b"\x84hvc1AMF", flv.VideoTag(VideoFrameType.INFO, None, 0, b"AMF", "HEVC")),
+        # Command frame: one command byte and no FourCC.
+        (b"\xd1\x01", flv.VideoTag(VideoFrameType.INFO, None, 0, b"\x01", "AVC")),
+        # ModEx (timestamp offset in ns, 3 bytes), then CodedFrames.
+        (
+            b"\x97\x02\x00\x01\x02\x01av01OBU",
+            flv.VideoTag(VideoFrameType.KEY, AvcPacketType.NALU, 0, b"OBU", "AV1"),
+        ),
+        # ModEx with the 16-bit size escape (255 + 1 = 256 -> UI16 + 1 follows).
+        (
+            b"\x97\xff\x00\x01\xab\xcd\x03hvc1NAL",
+            flv.VideoTag(VideoFrameType.KEY, AvcPacketType.NALU, 0, b"NAL", "HEVC"),
+        ),
+    ],
+)
+def test_enhanced_video_header(body: bytes, expected: flv.VideoTag) -> None:
+    assert flv.parse_video_tag(body) == expected
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"\x91hvc", "enhanced RTMP video tag truncated: need 5 bytes for the FourCC, got 4"),
+        (
+            b"\x91hvc1\x00\x00",
+            "enhanced RTMP 'hvc1' video tag truncated: need 8 bytes for the composition time, "
+            "got 7",
+        ),
+        (b"\x98hvc1", "enhanced RTMP video tag has unknown packet type 8"),
+        (b"\x81hvc1\x00\x00\x00", "video tag has unknown frame type 0"),
+        (
+            b"\x95av01\x00",
+            "enhanced RTMP 'av01' MPEG2TSSequenceStart (packet type 5) is not supported: the "
+            "publisher must send a SequenceStart with the codec configuration record",
+        ),
+        (b"\x97", "enhanced RTMP video tag truncated: ModEx size missing"),
+        (b"\x97\xff\x00", "enhanced RTMP video tag truncated: ModEx 16-bit size missing"),
+        (
+            b"\x97\x02\x00\x01\x02",
+            "enhanced RTMP video tag truncated: ModEx data of 3 bytes needs 6 bytes, got 5",
+        ),
+        (b"\x1c\x01\x00", "HEVC video tag truncated: need 5 bytes, got 3"),
+        (b"\x1c\x04\x00\x00\x00", "HEVC video tag has unknown packet type 4"),
+    ],
+)
+def test_enhanced_video_header_errors(body: bytes, message: str) -> None:
+    with pytest.raises(FlvError) as info:
+        flv.parse_video_tag(body)
+    assert str(info.value) == message
+    assert not isinstance(info.value, UnsupportedCodec)
 
 
 def _record(sps: list[bytes], pps: list[bytes], length_size: int = 4, tail: bytes = b"") -> bytes:

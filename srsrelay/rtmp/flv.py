@@ -2,7 +2,8 @@
 
 Pure parsing, no I/O. References: Adobe FLV File Format Specification v10.1
 (E.4.2 audio tags, E.4.3 video tags), ISO/IEC 14496-15 5.2.4.1
-(AVCDecoderConfigurationRecord) and ISO/IEC 14496-3 1.6.2.1 (AudioSpecificConfig).
+(AVCDecoderConfigurationRecord), ISO/IEC 14496-3 1.6.2.1 (AudioSpecificConfig) and the
+veovera Enhanced RTMP specification (v1/v2, "ExVideoTagHeader") for HEVC and AV1.
 """
 
 from __future__ import annotations
@@ -41,6 +42,20 @@ class AvcPacketType(enum.IntEnum):
     END_OF_SEQUENCE = 2
 
 
+class ExVideoPacketType(enum.IntEnum):
+    """Enhanced RTMP VideoPacketType: the low nibble of byte 0 when IsExHeader is set."""
+
+    SEQUENCE_START = 0
+    CODED_FRAMES = 1
+    SEQUENCE_END = 2
+    CODED_FRAMES_X = 3
+    """Coded frames with an implied composition time of 0 (no SI24 field)."""
+    METADATA = 4
+    MPEG2TS_SEQUENCE_START = 5
+    MULTITRACK = 6
+    MOD_EX = 7
+
+
 class AacPacketType(enum.IntEnum):
     SEQUENCE_HEADER = 0
     """Data is an AudioSpecificConfig."""
@@ -49,6 +64,19 @@ class AacPacketType(enum.IntEnum):
 
 
 CODEC_ID_AVC = 7
+CODEC_ID_HEVC = 12
+"""Non-standard legacy id for HEVC (AVC-style header) sent by several hardware encoders."""
+CODEC_AVC = "AVC"
+CODEC_HEVC = "HEVC"
+CODEC_AV1 = "AV1"
+FOURCC_AVC = b"avc1"
+FOURCC_HEVC = b"hvc1"
+FOURCC_AV1 = b"av01"
+EX_VIDEO_HEADER_FLAG = 0x80
+"""IsExHeader: bit 7 of byte 0 of an enhanced RTMP video tag."""
+SI24_SIZE = 3
+MOD_EX_LARGE_SIZE = 256
+"""A one-byte ModEx size of 255 (+1 = 256) means a 16-bit size follows."""
 SOUND_FORMAT_MP3 = 2
 SOUND_FORMAT_AAC = 10
 AVC_TAG_HEADER_SIZE = 5
@@ -65,6 +93,26 @@ _VIDEO_CODECS = {
     6: "Screen video v2",
     7: "AVC",
     12: "HEVC",
+}
+
+_FOURCC_CODECS = {
+    FOURCC_AVC: CODEC_AVC,
+    FOURCC_HEVC: CODEC_HEVC,
+    FOURCC_AV1: CODEC_AV1,
+}
+
+# Enhanced RTMP FourCCs we know but do not relay, named for the error message.
+_UNSUPPORTED_FOURCCS = {
+    b"vp08": "VP8",
+    b"vp09": "VP9",
+    b"vvc1": "VVC",
+}
+
+_EX_TO_AVC_PACKET_TYPE = {
+    ExVideoPacketType.SEQUENCE_START: AvcPacketType.SEQUENCE_HEADER,
+    ExVideoPacketType.CODED_FRAMES: AvcPacketType.NALU,
+    ExVideoPacketType.CODED_FRAMES_X: AvcPacketType.NALU,
+    ExVideoPacketType.SEQUENCE_END: AvcPacketType.END_OF_SEQUENCE,
 }
 
 _SOUND_FORMATS = {
@@ -107,16 +155,22 @@ _AAC_SAMPLE_RATES = (
 
 @dataclass(frozen=True, slots=True)
 class VideoTag:
-    """A parsed AVC video tag body."""
+    """A parsed AVC, HEVC or AV1 video tag body (legacy or enhanced RTMP header)."""
 
     frame_type: VideoFrameType
-    """Key, inter, ... or INFO (no picture data)."""
+    """Key, inter, ... or INFO (no picture data: command or metadata frame)."""
     packet_type: AvcPacketType | None
-    """Sequence header, NALUs or end of sequence; None for an INFO frame."""
+    """Sequence header, coded frame(s) or end of sequence; None for an INFO frame.
+    Enhanced packet types map onto these: SequenceStart -> SEQUENCE_HEADER,
+    CodedFrames/CodedFramesX -> NALU, SequenceEnd -> END_OF_SEQUENCE."""
     composition_time: int
-    """PTS minus DTS in milliseconds (signed 24-bit)."""
+    """PTS minus DTS in milliseconds (signed 24-bit); always 0 for AV1."""
     data: bytes
-    """AVCDecoderConfigurationRecord, AVCC length-prefixed NALUs, or INFO payload."""
+    """Sequence header: AVCDecoderConfigurationRecord, HEVCDecoderConfigurationRecord or
+    AV1CodecConfigurationRecord. Coded frames: length-prefixed NALUs (AVC, HEVC) or a
+    temporal unit of OBUs (AV1). INFO: the command byte or AMF metadata."""
+    codec: str = CODEC_AVC
+    """CODEC_AVC, CODEC_HEVC or CODEC_AV1."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,36 +224,132 @@ class AacConfig:
 
 
 def parse_video_tag(body: bytes) -> VideoTag:
-    """Parse an RTMP type 9 message body. Raises UnsupportedCodec for anything but AVC."""
+    """Parse an RTMP type 9 message body: legacy AVC (codec id 7) or HEVC (id 12) headers,
+    or an enhanced RTMP header with FourCC 'avc1', 'hvc1' or 'av01'.
+
+    Raises UnsupportedCodec for other codecs and FlvError for malformed tags.
+    """
     if not body:
         raise FlvError("video tag is empty")
     first = body[0]
-    if first & 0x80:
-        # Enhanced RTMP: IsExHeader bit, then a FourCC names the codec.
-        fourcc = body[1:5].decode("latin-1")
-        raise UnsupportedCodec("video", f"enhanced RTMP {fourcc!r}")
+    if first & EX_VIDEO_HEADER_FLAG:
+        return _parse_ex_video_tag(body)
     frame_type_value = first >> 4
     codec_id = first & 0x0F
-    if codec_id != CODEC_ID_AVC:
+    if codec_id == CODEC_ID_AVC:
+        codec = CODEC_AVC
+    elif codec_id == CODEC_ID_HEVC:
+        codec = CODEC_HEVC
+    else:
         raise UnsupportedCodec("video", _VIDEO_CODECS.get(codec_id, f"id {codec_id}"))
-    try:
-        frame_type = VideoFrameType(frame_type_value)
-    except ValueError:
-        raise FlvError(f"video tag has unknown frame type {frame_type_value}") from None
+    frame_type = _frame_type(frame_type_value)
     if frame_type is VideoFrameType.INFO:
-        return VideoTag(frame_type, None, 0, bytes(body[1:]))
+        return VideoTag(frame_type, None, 0, bytes(body[1:]), codec)
     if len(body) < AVC_TAG_HEADER_SIZE:
         raise FlvError(
-            f"AVC video tag truncated: need {AVC_TAG_HEADER_SIZE} bytes, got {len(body)}"
+            f"{codec} video tag truncated: need {AVC_TAG_HEADER_SIZE} bytes, got {len(body)}"
         )
     try:
         packet_type = AvcPacketType(body[1])
     except ValueError:
-        raise FlvError(f"AVC video tag has unknown packet type {body[1]}") from None
-    cts = int.from_bytes(body[2:5], "big")
-    if cts & 0x800000:
-        cts -= 0x1000000
-    return VideoTag(frame_type, packet_type, cts, bytes(body[5:]))
+        raise FlvError(f"{codec} video tag has unknown packet type {body[1]}") from None
+    cts = _si24(body, 2)
+    return VideoTag(frame_type, packet_type, cts, bytes(body[5:]), codec)
+
+
+def _frame_type(value: int) -> VideoFrameType:
+    try:
+        return VideoFrameType(value)
+    except ValueError:
+        raise FlvError(f"video tag has unknown frame type {value}") from None
+
+
+def _si24(body: bytes, pos: int) -> int:
+    value = int.from_bytes(body[pos : pos + SI24_SIZE], "big")
+    return value - 0x1000000 if value & 0x800000 else value
+
+
+def _parse_ex_video_tag(body: bytes) -> VideoTag:
+    """Enhanced RTMP ExVideoTagHeader: frame type in bits 4-6, VideoPacketType in bits 0-3."""
+    packet_type_value = body[0] & 0x0F
+    pos = 1
+    while packet_type_value == ExVideoPacketType.MOD_EX:
+        packet_type_value, pos = _skip_mod_ex(body, pos)
+    try:
+        packet_type = ExVideoPacketType(packet_type_value)
+    except ValueError:
+        raise FlvError(
+            f"enhanced RTMP video tag has unknown packet type {packet_type_value}"
+        ) from None
+    # Metadata frames ignore the frame type bits (spec: "should be ignored").
+    if packet_type is ExVideoPacketType.METADATA:
+        frame_type = VideoFrameType.INFO
+    else:
+        frame_type = _frame_type((body[0] >> 4) & 0x07)
+    if frame_type is VideoFrameType.INFO and packet_type is not ExVideoPacketType.METADATA:
+        # A video command frame: one command byte, no FourCC and no picture.
+        return VideoTag(frame_type, None, 0, bytes(body[pos:]))
+    if packet_type is ExVideoPacketType.MULTITRACK:
+        raise UnsupportedCodec("video", "enhanced RTMP multitrack video")
+    if len(body) < pos + 4:
+        raise FlvError(
+            f"enhanced RTMP video tag truncated: need {pos + 4} bytes for the FourCC, "
+            f"got {len(body)}"
+        )
+    fourcc = bytes(body[pos : pos + 4])
+    pos += 4
+    codec = _FOURCC_CODECS.get(fourcc)
+    if codec is None:
+        name = fourcc.decode("latin-1")
+        known = _UNSUPPORTED_FOURCCS.get(fourcc)
+        raise UnsupportedCodec(
+            "video", f"{known} (enhanced RTMP {name!r})" if known else f"enhanced RTMP {name!r}"
+        )
+    if packet_type is ExVideoPacketType.METADATA:
+        # AMF-encoded metadata (e.g. HDR colour info): nothing a WebRTC viewer needs.
+        return VideoTag(frame_type, None, 0, bytes(body[pos:]), codec)
+    if packet_type is ExVideoPacketType.MPEG2TS_SEQUENCE_START:
+        raise FlvError(
+            f"enhanced RTMP {fourcc.decode('latin-1')!r} MPEG2TSSequenceStart (packet type 5) "
+            "is not supported: the publisher must send a SequenceStart with the codec "
+            "configuration record"
+        )
+    cts = 0
+    if packet_type is ExVideoPacketType.CODED_FRAMES and codec != CODEC_AV1:
+        # 'avc1' and 'hvc1' CodedFrames carry an SI24 composition time; 'av01' does not.
+        if len(body) < pos + SI24_SIZE:
+            raise FlvError(
+                f"enhanced RTMP {fourcc.decode('latin-1')!r} video tag truncated: need "
+                f"{pos + SI24_SIZE} bytes for the composition time, got {len(body)}"
+            )
+        cts = _si24(body, pos)
+        pos += SI24_SIZE
+    return VideoTag(frame_type, _EX_TO_AVC_PACKET_TYPE[packet_type], cts, bytes(body[pos:]), codec)
+
+
+def _skip_mod_ex(body: bytes, pos: int) -> tuple[int, int]:
+    """Skip one ModEx block (E-RTMP v2); return the real packet type and the next offset.
+
+    The only ModEx defined so far is a sub-millisecond timestamp offset, which RTP at
+    90 kHz from millisecond FLV timestamps cannot use anyway.
+    """
+    if pos >= len(body):
+        raise FlvError("enhanced RTMP video tag truncated: ModEx size missing")
+    size = body[pos] + 1
+    pos += 1
+    if size == MOD_EX_LARGE_SIZE:
+        if pos + 2 > len(body):
+            raise FlvError("enhanced RTMP video tag truncated: ModEx 16-bit size missing")
+        size = int.from_bytes(body[pos : pos + 2], "big") + 1
+        pos += 2
+    pos += size
+    if pos >= len(body):
+        raise FlvError(
+            f"enhanced RTMP video tag truncated: ModEx data of {size} bytes needs "
+            f"{pos + 1} bytes, got {len(body)}"
+        )
+    # High nibble: VideoPacketModExType; low nibble: the packet type that follows.
+    return body[pos] & 0x0F, pos + 1
 
 
 def parse_avc_config(record: bytes) -> AvcConfig:
