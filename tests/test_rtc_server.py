@@ -92,6 +92,9 @@ class FakeStream:
         self.profile_level_id: str | None = profile_level_id
         self.has_video = True
         self.has_audio = True
+        self.video_codec = "H264"
+        self.video_fmtp = ""
+        self.rendition: FakeStream | None = None
         self.gop = FakeGop()
         self.readers: list[FrameReader] = []
 

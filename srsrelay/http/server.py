@@ -52,7 +52,7 @@ from srsrelay.http.sdpfrag import (
 )
 from srsrelay.hub.registry import Hub, StreamNotFound
 from srsrelay.hub.stream import Stream
-from srsrelay.webrtc.sdp import OfferError, candidate_priority
+from srsrelay.webrtc.sdp import CodecNotOffered, OfferError, candidate_priority
 from srsrelay.webrtc.server import RtcServer
 from srsrelay.webrtc.viewer import SessionState, ViewerSession
 
@@ -427,6 +427,10 @@ class HttpServer:
         self._check_capacity(stream)
         try:
             session = self._rtc.create_session(offer, stream)
+        except CodecNotOffered as exc:
+            # 406: the stream exists but not in a form this viewer accepts.
+            log.info("offer rejected", stream=stream.key, codec=exc.codec, error=str(exc))
+            raise HttpError(406, f"stream {stream.key}: {exc}") from None
         except OfferError as exc:
             log.info("offer rejected", stream=stream.key, error=str(exc))
             raise HttpError(400, str(exc)) from None
@@ -739,9 +743,17 @@ def _srs_stream(request: web.Request) -> tuple[str, str]:
 
 def stream_json(stream: Stream, now: float) -> dict[str, Any]:
     """One stream in the SRS-like shape of GET /api/v1/streams."""
-    video = (
-        {"codec": "H264", "profile_level_id": stream.profile_level_id} if stream.has_video else None
-    )
+    video: dict[str, Any] | None = None
+    if stream.has_video:
+        video = {"codec": stream.video_codec}
+        if stream.video_codec == "H264":
+            video["profile_level_id"] = stream.profile_level_id
+        else:
+            video["fmtp"] = stream.video_fmtp
+            video["h264_rendition"] = stream.rendition is not None
+    clients = len(stream.readers)
+    if stream.rendition is not None:
+        clients += len(stream.rendition.readers)
     return {
         "id": stream.key,
         "app": stream.app,
@@ -749,7 +761,7 @@ def stream_json(stream: Stream, now: float) -> dict[str, Any]:
         "url": f"/whep/{quote(stream.app, safe='')}/{quote(stream.name, safe='')}",
         "video": video,
         "audio": {"codec": "opus"} if stream.has_audio else None,
-        "clients": len(stream.readers),
+        "clients": clients,
         "publish": {"active": stream.publishing, "cid": stream.publisher_id},
         "state": stream.state.value,
         "bframes": {"present": stream.has_bframes, "policy": stream.bframes_policy.value},

@@ -18,7 +18,7 @@ import av.error
 import structlog
 
 from srsrelay.config import AudioConfig, HubConfig, VideoConfig
-from srsrelay.hub import h264, transcode
+from srsrelay.hub import av1, h264, hevc, transcode
 from srsrelay.hub.frames import VIDEO_CLOCK_RATE, MediaKind, RtpFrame
 from srsrelay.hub.opus import AacToOpus
 from srsrelay.hub.timeline import Timeline, Track
@@ -38,6 +38,9 @@ BFRAMES_ADVICE = (
     "OBS: x264 options bframes=0, or Tune zerolatency)"
 )
 
+
+SDP_CODECS = {"AVC": "H264", "HEVC": "H265", "AV1": "AV1"}
+"""Video codec names: as the FLV parser gives them -> as SDP (and the API) names them."""
 
 MAX_CONSECUTIVE_ERRORS = 50
 """Malformed tags in a row after which the publish is rejected (about 1-2 s of media)."""
@@ -159,6 +162,18 @@ class Stream:
         self.readers: list[StreamReader] = []
         self.stats = StreamStats()
         self.avc_config: flv.AvcConfig | None = None
+        self.video_codec = "H264"
+        """SDP name of the video codec: H264, or H265 / AV1 passed through from an
+        enhanced-RTMP publisher."""
+        self.video_fmtp = ""
+        """H265 and AV1: the format parameters viewers are answered with."""
+        self.hevc_config: hevc.HevcConfig | None = None
+        self.av1_config: av1.Av1Config | None = None
+        self._video_record = b""
+        """The HEVC or AV1 sequence header record (the transcoder's extradata)."""
+        self.rendition: Stream | None = None
+        """H.264 made once from an HEVC or AV1 stream (video.transcode_to_h264), for
+        viewers that cannot receive the original; it shares this stream's audio."""
         self.aac_config: flv.AacConfig | None = None
         self.ended = False
         self.state = PublishState.LIVE
@@ -210,7 +225,9 @@ class Stream:
         self.stats.bytes_in += len(body)
         try:
             tag = flv.parse_video_tag(body)
-            if tag.packet_type is flv.AvcPacketType.SEQUENCE_HEADER:
+            if tag.codec != "AVC":
+                self._on_passthrough_tag(tag, timestamp_ms, received_at)
+            elif tag.packet_type is flv.AvcPacketType.SEQUENCE_HEADER:
                 try:
                     config = flv.parse_avc_config(tag.data)
                     self._on_avc_config(config)
@@ -297,7 +314,37 @@ class Stream:
 
     # -- video ----------------------------------------------------------------------
 
+    def _set_video_codec(self, codec: str) -> None:
+        """A sequence header in `codec` arrived: viewers of another codec must renegotiate."""
+        if codec == self.video_codec:
+            return
+        old, self.video_codec = self.video_codec, codec
+        if self.has_video:
+            self._drop_readers(f"video codec changed from {old} to {codec}")
+        self._stop_video_transcoder()
+        self.avc_config = self.hevc_config = self.av1_config = None
+        self.profile_level_id = None
+        self.video_fmtp = ""
+        self.gop = GopCache(generation=self.gop.generation + 1)
+        self._await_keyframe = True
+
+    def _drop_readers(self, reason: str) -> None:
+        """End every reader's session (they renegotiate when they come back)."""
+        log.info(
+            "stream readers dropped", stream=self.key, readers=len(self.readers), reason=reason
+        )
+        readers, self.readers = self.readers, []
+        if self.rendition is not None:
+            self.rendition.end(reason)
+            self.rendition = None
+        for reader in readers:
+            try:
+                reader.on_stream_end()
+            except Exception:
+                log.exception("reader failed on stream end", stream=self.key)
+
     def _on_avc_config(self, config: flv.AvcConfig) -> None:
+        self._set_video_codec("H264")
         if config == self.avc_config:
             return
         try:
@@ -351,6 +398,110 @@ class Stream:
             timestamp = max(timestamp, self._last_video_ts + 1)
         self._emit_video(nalus, timestamp, keyframe, received_at)
 
+    # -- HEVC and AV1 (enhanced RTMP) -----------------------------------------------------
+
+    def _on_passthrough_tag(self, tag: flv.VideoTag, timestamp_ms: int, received_at: float) -> None:
+        codec = SDP_CODECS[tag.codec]
+        if tag.packet_type is flv.AvcPacketType.SEQUENCE_HEADER:
+            try:
+                if codec == "H265":
+                    self._on_hevc_config(hevc.parse_hevc_config(tag.data), tag.data)
+                else:
+                    self._on_av1_config(av1.parse_av1_config(tag.data), tag.data)
+            except flv.FlvError as exc:
+                self._reject(f"unusable {tag.codec} sequence header: {exc}")
+            return
+        if tag.packet_type is not flv.AvcPacketType.NALU:
+            return  # end of sequence, metadata
+        if codec != self.video_codec or (self.hevc_config is None and self.av1_config is None):
+            raise flv.FlvError(f"{tag.codec} frame before its sequence header")
+        dts = self._map_time(Track.VIDEO, timestamp_ms, received_at)
+        pts = max(0, dts + tag.composition_time)
+        if self.hevc_config is not None:
+            nalus = flv.split_nalus(tag.data, self.hevc_config.nalu_length_size)
+            keyframe = hevc.is_irap(nalus)
+            if keyframe:
+                nalus = hevc.with_parameter_sets(nalus, self.hevc_config)
+            payloads = hevc.packetize(nalus, self._payload_size)
+        else:
+            assert self.av1_config is not None
+            keyframe = tag.frame_type is flv.VideoFrameType.KEY
+            payloads = av1.packetize(
+                tag.data,
+                self._payload_size,
+                keyframe=keyframe,
+                sequence_header=self.av1_config.config_obus or None,
+            )
+        if tag.composition_time != 0 and not self.has_bframes:
+            self.has_bframes = True
+            log.warning(
+                "stream reorders pictures; passed through as they are",
+                stream=self.key,
+                codec=tag.codec,
+                advice=BFRAMES_ADVICE,
+            )
+        timestamp = pts * VIDEO_TICKS_PER_MS
+        if tag.composition_time == 0:
+            timestamp = max(timestamp, self._last_video_ts + 1)
+        if self.rendition is not None:
+            self._transcode(tag.data, dts, pts, keyframe, received_at)
+        self._emit_payloads(payloads, timestamp, keyframe, received_at)
+
+    def _on_hevc_config(self, config: hevc.HevcConfig, record: bytes) -> None:
+        self._set_video_codec("H265")
+        if config == self.hevc_config:
+            return
+        changed = self.hevc_config is not None
+        self.hevc_config = config
+        self._on_passthrough_config(hevc.fmtp(config), record, changed)
+
+    def _on_av1_config(self, config: av1.Av1Config, record: bytes) -> None:
+        self._set_video_codec("AV1")
+        if config == self.av1_config:
+            return
+        changed = self.av1_config is not None
+        self.av1_config = config
+        self._on_passthrough_config(av1.fmtp(config), record, changed)
+
+    def _on_passthrough_config(self, fmtp: str, record: bytes, changed: bool) -> None:
+        self.has_video = True
+        self.video_fmtp = fmtp
+        self._video_record = record
+        if self._video_transcoder is not None:
+            # New parameters: the transcoder restarts at the next keyframe.
+            self._stop_video_transcoder()
+        if self._video_config.transcode_to_h264 and self.rendition is None:
+            if transcode.available():
+                self.rendition = self._new_rendition()
+            else:
+                log.warning(
+                    "libx264 is not available for video.transcode_to_h264; viewers without "
+                    f"{self.video_codec} get 406",
+                    stream=self.key,
+                )
+        log.info(
+            "video config changed" if changed else "video config",
+            stream=self.key,
+            codec=self.video_codec,
+            fmtp=fmtp,
+            h264_rendition=self.rendition is not None,
+        )
+
+    def _new_rendition(self) -> Stream:
+        rendition = Stream(
+            self.app,
+            self.name,
+            self.publisher_id,
+            self._hub_config,
+            self._audio_config,
+            self._payload_size,
+            self._video_config,
+        )
+        # Same key: to viewers, limits and the API it is the same stream.
+        rendition.has_video = True
+        rendition.has_audio = self.has_audio
+        return rendition
+
     def _on_bframes(self, info: h264.PictureInfo | None) -> None:
         """Log the B-frames once; fall back when dropping them is unsafe."""
         if not self._bframes_logged:
@@ -390,18 +541,28 @@ class Stream:
     def _transcode(
         self, data: bytes, dts_ms: int, pts_ms: int, keyframe: bool, received_at: float
     ) -> None:
-        config = self.avc_config
         if self._video_transcoder is None:
-            if not keyframe or config is None:
+            decoder = self._decoder_config()
+            if not keyframe or decoder is None:
                 self._await_keyframe = True
-                return  # the decoder must start at an IDR with its parameter sets
+                return  # the decoder must start at a keyframe with its parameter sets
             try:
                 transcoder = transcode.H264Transcoder(
-                    transcode.avc_record(config),
+                    decoder[1],
                     self._video_config.transcode_keyframe_interval,
                     _frame_rate(self.metadata),
+                    decoder=decoder[0],
                 )
             except (av.error.FFmpegError, ValueError) as exc:
+                if self.rendition is not None:
+                    log.warning(
+                        "video transcoder failed to start; no H.264 for this stream",
+                        stream=self.key,
+                        error=str(exc),
+                    )
+                    self.rendition.end("transcoder failed")
+                    self.rendition = None
+                    return
                 log.warning(
                     "video transcoder failed to start; passing B-frames through",
                     stream=self.key,
@@ -426,6 +587,16 @@ class Stream:
         self.stats.errors += worker.errors - errors_before
         self._on_transcoded(self._transcode_generation, pictures, received_at)
 
+    def _decoder_config(self) -> tuple[str, bytes] | None:
+        """(FFmpeg decoder, extradata) for the current video codec, if configured."""
+        if self.video_codec == "H264":
+            if self.avc_config is None:
+                return None
+            return "h264", transcode.avc_record(self.avc_config)
+        if not self._video_record:
+            return None
+        return ("hevc" if self.video_codec == "H265" else transcode.AV1_DECODER), self._video_record
+
     def _stop_video_transcoder(self) -> None:
         if self._video_transcoder is not None:
             self._video_transcoder.close()
@@ -437,25 +608,34 @@ class Stream:
     ) -> None:
         if self.ended or generation != self._transcode_generation:
             return  # from a transcoder that was replaced or stopped since
+        # B-frames removed: into this stream; HEVC/AV1 made H.264: into the rendition.
+        target = self.rendition if self.rendition is not None else self
         for picture in pictures:
             self.stats.frames_transcoded += 1
             if picture.keyframe:
                 sps = next((n for n in picture.nalus if h264.nal_type(n) == h264.NAL_SPS), None)
                 if sps is not None and len(sps) >= 4:
-                    self.profile_level_id = h264.profile_level_id(sps)
-            timestamp = max(max(0, picture.pts_ms) * VIDEO_TICKS_PER_MS, self._last_video_ts + 1)
-            self._emit_video(picture.nalus, timestamp, picture.keyframe, received_at)
+                    target.profile_level_id = h264.profile_level_id(sps)
+            timestamp = max(max(0, picture.pts_ms) * VIDEO_TICKS_PER_MS, target._last_video_ts + 1)
+            target._emit_video(picture.nalus, timestamp, picture.keyframe, received_at)
 
     def _emit_video(
         self, nalus: list[bytes], timestamp: int, keyframe: bool, received_at: float
+    ) -> None:
+        self._emit_payloads(
+            h264.packetize(nalus, self._payload_size), timestamp, keyframe, received_at
+        )
+
+    def _emit_payloads(
+        self, packets: list[bytes], timestamp: int, keyframe: bool, received_at: float
     ) -> None:
         if self._await_keyframe:
             if not keyframe:
                 return
             self._await_keyframe = False
-        payloads = tuple(h264.packetize(nalus, self._payload_size))
+        payloads = tuple(packets)
         if not payloads:
-            return  # only AUD / filler
+            return  # only AUD / filler / temporal delimiters
         frame = RtpFrame(
             kind=MediaKind.VIDEO,
             timestamp=timestamp,
@@ -497,6 +677,8 @@ class Stream:
             self._tag_error("MP3 decoder failed to start", exc, received_at)
             return
         self.has_audio = True
+        if self.rendition is not None:
+            self.rendition.has_audio = True
         log.info("audio config", stream=self.key, codec="MP3")
 
     def _on_aac_config(self, asc: bytes, received_at: float) -> None:
@@ -521,6 +703,8 @@ class Stream:
             return
         self.aac_config = config
         self.has_audio = True
+        if self.rendition is not None:
+            self.rendition.has_audio = True
         log.info(
             "audio config",
             stream=self.key,
@@ -552,6 +736,8 @@ class Stream:
             )
             self.stats.audio_frames += 1
             self._fan_out(frame)
+            if self.rendition is not None:
+                self.rendition._fan_out(frame)
 
     def _unsupported(self, exc: flv.UnsupportedCodec) -> None:
         if exc.kind not in self._unsupported_logged:
@@ -614,6 +800,9 @@ class Stream:
         self._close_transcoder()
         if self._video_transcoder is not None:
             self._stop_video_transcoder()
+        if self.rendition is not None:
+            self.rendition.end(reason)
+            self.rendition = None
         self.gop = GopCache(generation=self.gop.generation + 1)
         log.info(
             "stream ended",

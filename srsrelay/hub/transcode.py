@@ -1,8 +1,9 @@
-"""H.264 with B-frames to H.264 without, once per stream (PyAV: FFmpeg h264 + libx264).
+"""Video to H.264 without B-frames, once per stream (PyAV: an FFmpeg decoder + libx264).
 
 Browsers' WebRTC H.264 path decodes in arrival order and expects no reordering, so a
 stream with B-frames is re-encoded with x264's zerolatency tune (no B-frames, no
-lookahead). Memory stays bounded: zerolatency emits each frame as it goes in, and the
+lookahead). HEVC and AV1 streams go the same way for viewers that cannot receive them
+(video.transcode_to_h264). Memory stays bounded: zerolatency emits each frame as it goes in, and the
 decoder holds at most its reorder depth (a few frames).
 """
 
@@ -35,6 +36,8 @@ DEFAULT_FRAME_RATE = 30
 """Used for the keyframe interval when the publisher's metadata gives no frame rate."""
 ERROR_LOG_INTERVAL = 1.0
 BACKSTOP_FACTOR = 2
+AV1_DECODER = "libdav1d" if "libdav1d" in av.codecs_available else "av1"
+"""FFmpeg's AV1 decoder: dav1d when the build has it (FFmpeg's own needs hardware)."""
 
 
 def available() -> bool:
@@ -55,12 +58,23 @@ class EncodedPicture:
 
 
 class H264Transcoder:
-    """Decode one stream's AVCC access units and re-encode them without B-frames."""
+    """Decode one stream's access units and re-encode them as H.264 without B-frames."""
 
-    def __init__(self, avc_record: bytes, keyframe_interval: float, frame_rate: float) -> None:
-        """`avc_record` is the AVCDecoderConfigurationRecord of the sequence header."""
-        self._decoder = av.CodecContext.create("h264", "r")
-        self._decoder.extradata = avc_record
+    def __init__(
+        self,
+        record: bytes,
+        keyframe_interval: float,
+        frame_rate: float,
+        decoder: str = "h264",
+    ) -> None:
+        """`record` is the sequence header's decoder configuration record (avcC, hvcC or
+        av1C) for the FFmpeg `decoder` ("h264", "hevc" or AV1_DECODER); access units
+        are then in the same form as in the FLV tags."""
+        context = av.CodecContext.create(decoder, "r")
+        if not isinstance(context, av.VideoCodecContext):
+            raise ValueError(f"{decoder} is not a video decoder")
+        self._decoder = context
+        self._decoder.extradata = record
         self._decoder.open()
         self._keyframe_interval = keyframe_interval
         self._frame_rate = frame_rate if frame_rate > 0 else DEFAULT_FRAME_RATE
@@ -100,7 +114,8 @@ class H264Transcoder:
         return encoder
 
     def encode(self, avcc: bytes, dts_ms: int, pts_ms: int) -> list[EncodedPicture]:
-        """Feed one AVCC access unit; return the pictures the encoder produced (0..n)."""
+        """Feed one access unit (AVCC/HVCC NAL units or AV1 OBUs); return the pictures
+        the encoder produced (0..n)."""
         if self.closed:
             return []
         try:

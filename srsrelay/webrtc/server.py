@@ -21,7 +21,7 @@ from aiortc import RTCCertificate
 from srsrelay.config import RtcConfig
 from srsrelay.webrtc.dtls import generate_certificate
 from srsrelay.webrtc.ice import IceLite
-from srsrelay.webrtc.sdp import parse_offer
+from srsrelay.webrtc.sdp import CodecNotOffered, Offer, parse_offer
 from srsrelay.webrtc.sendpath import SendCounters, SendPath, TrafficKind
 from srsrelay.webrtc.viewer import StreamSource, ViewerSession
 
@@ -148,12 +148,14 @@ class RtcServer:
         """Answer `offer_sdp` for `stream`; raises OfferError. Needs `start()` first."""
         if self._send_path is None or self._certificate is None:
             raise RuntimeError("RtcServer.start() must be called before create_session()")
-        offer = parse_offer(
-            offer_sdp,
-            profile_level_id=stream.profile_level_id,
-            want_video=stream.has_video,
-            want_audio=stream.has_audio,
-        )
+        try:
+            offer = _parse_for(offer_sdp, stream)
+        except CodecNotOffered:
+            # HEVC/AV1 the viewer cannot receive: its H.264 rendition, if there is one.
+            if stream.rendition is None:
+                raise
+            stream = stream.rendition
+            offer = _parse_for(offer_sdp, stream)
         session = ViewerSession(
             stream=stream,
             offer=offer,
@@ -300,3 +302,14 @@ class RtcServer:
             session.on_remote_address(addr)
         assert self._send_path is not None
         self._send_path.send(answered.response, addr, TrafficKind.STUN, session.counters)
+
+
+def _parse_for(offer_sdp: str, stream: StreamSource) -> Offer:
+    return parse_offer(
+        offer_sdp,
+        profile_level_id=stream.profile_level_id,
+        want_video=stream.has_video,
+        want_audio=stream.has_audio,
+        video_codec=stream.video_codec,
+        video_fmtp=stream.video_fmtp,
+    )
