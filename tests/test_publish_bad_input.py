@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -14,100 +13,18 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from srsrelay.rtmp import amf0
-from srsrelay.rtmp.chunk import ChunkWriter, MessageType
+from srsrelay.rtmp.chunk import MessageType
 from tests.conftest import FFMPEG, RelayProcess, wait_live
+from tests.raw_publisher import RawPublisher
 from tests.whep_client import WhepViewer
 
 pytestmark = pytest.mark.integration
 
-CHUNK_SIZE = 60_000
-CSID_COMMAND = 3
-CSID_STREAM_COMMAND = 8
-CSID_AUDIO = 4
-CSID_VIDEO = 6
-MEDIA_STREAM_ID = 1
 MAX_MESSAGE_SIZE = 8 * 1024 * 1024
 """The default rtmp.max_message_size."""
-REPLY_LIMIT = 1 << 20
-"""Most reply bytes kept while waiting for the publish to start."""
 FLOOD_RATE = 1000
 """Tiny tags per second in the flood cases."""
 FLOOD_SECONDS = 3.0
-
-
-class RawPublisher:
-    """A minimal RTMP publisher that sends whatever media messages a case needs."""
-
-    def __init__(self, port: int, app: str, name: str) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-        host, local_port = self.sock.getsockname()[:2]
-        self.peer = f"{host}:{local_port}"
-        """How the relay's log names this connection."""
-        self.writer = ChunkWriter()
-        self.sent_tags = 0
-        self._handshake()
-        self._start_publish(port, app, name)
-
-    def _handshake(self) -> None:
-        self.sock.sendall(b"\x03" + bytes(1536))  # C0 + C1
-        received = self._recv_at_least(1 + 1536 * 2, b"")
-        self.sock.sendall(received[1 : 1 + 1536])  # C2 echoes S1
-
-    def _recv_at_least(self, size: int, received: bytes) -> bytes:
-        while len(received) < size:
-            chunk = self.sock.recv(65536)
-            assert chunk, "relay closed the connection during the handshake"
-            received += chunk
-        return received
-
-    def _send(self, csid: int, msg_type: int, stream_id: int, ts: int, payload: bytes) -> None:
-        self.sock.sendall(self.writer.write(csid, msg_type, stream_id, ts, payload))
-
-    def _start_publish(self, port: int, app: str, name: str) -> None:
-        self._send(2, MessageType.SET_CHUNK_SIZE, 0, 0, CHUNK_SIZE.to_bytes(4, "big"))
-        self.writer.chunk_size = CHUNK_SIZE
-        connect = amf0.encode(
-            "connect",
-            1.0,
-            {"app": app, "type": "nonprivate", "tcUrl": f"rtmp://127.0.0.1:{port}/{app}"},
-        )
-        self._send(CSID_COMMAND, MessageType.AMF0_COMMAND, 0, 0, connect)
-        create = amf0.encode("createStream", 2.0, None)
-        self._send(CSID_COMMAND, MessageType.AMF0_COMMAND, 0, 0, create)
-        publish = amf0.encode("publish", 3.0, None, name, "live")
-        self._send(CSID_STREAM_COMMAND, MessageType.AMF0_COMMAND, MEDIA_STREAM_ID, 0, publish)
-        # Replies are read loosely: enough to know the publish started.
-        replies = b""
-        while b"NetStream.Publish.Start" not in replies:
-            chunk = self.sock.recv(65536)
-            assert chunk, f"relay closed before the publish started: {replies!r}"
-            replies = (replies + chunk)[-REPLY_LIMIT:]
-
-    def video(self, ts: int, body: bytes) -> None:
-        self._send(CSID_VIDEO, MessageType.VIDEO, MEDIA_STREAM_ID, ts, body)
-        self.sent_tags += 1
-
-    def audio(self, ts: int, body: bytes) -> None:
-        self._send(CSID_AUDIO, MessageType.AUDIO, MEDIA_STREAM_ID, ts, body)
-        self.sent_tags += 1
-
-    def closed_by_relay(self, timeout: float) -> bool:
-        """True when the relay closes the connection within `timeout` seconds."""
-        self.sock.settimeout(timeout)
-        deadline = time.monotonic() + timeout
-        try:
-            while time.monotonic() < deadline:
-                if not self.sock.recv(65536):
-                    return True
-        except TimeoutError:
-            return False
-        except (ConnectionResetError, BrokenPipeError):
-            return True
-        return False
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def try_send(action: Callable[[], None]) -> bool:
