@@ -437,6 +437,37 @@ async def test_sender_reports_map_stream_clock(rig: Rig) -> None:
     assert abs(ntp_seconds - time.time()) < 5
 
 
+async def test_sender_reports_of_both_tracks_share_one_clock(rig: Rig) -> None:
+    # Audio arrives in bursts, 0-60 ms after the video of the same time. Per-track arrival
+    # times would put audio up to 60 ms late in the browser; one mapping keeps them in sync.
+    assert rig.session.video is not None and rig.session.audio is not None
+    start = time.monotonic() - 1.0
+    for i in range(30):
+        frame = video(i, keyframe=i == 0)
+        rig.stream.push(dataclasses.replace(frame, received_at=start + i / 30))
+    for i in range(50):
+        late = 0.06 if i % 3 else 0.0
+        frame = audio(i)
+        rig.stream.push(dataclasses.replace(frame, received_at=start + i * 0.02 + late))
+    await _wait(lambda: rig.session.video is not None and rig.session.video.packets >= 90)
+    rig.browser.rtcp.clear()
+    rig.session.send_sender_reports()
+    await _wait(lambda: len(rig.browser.rtcp) >= 1, within=3)
+    srs = {
+        p.ssrc: p.sender_info
+        for d in rig.browser.rtcp
+        for p in RtcpPacket.parse(d)
+        if isinstance(p, RtcpSrPacket)
+    }
+    v, a = srs[rig.session.video.ssrc], srs[rig.session.audio.ssrc]
+    assert v.ntp_timestamp == a.ntp_timestamp
+    video_s = ((v.rtp_timestamp - rig.session.video.ts_offset) & 0xFFFFFFFF) / 90_000
+    audio_s = ((a.rtp_timestamp - rig.session.audio.ts_offset) & 0xFFFFFFFF) / 48_000
+    # The same stream time for the same wallclock, and that time is "now" on the stream.
+    assert abs(video_s - audio_s) < 0.002, (video_s, audio_s)
+    assert 0.99 < video_s < 1.2, video_s
+
+
 async def test_consent_timeout_closes_and_says_bye() -> None:
     async with make_rig(RtcConfig(consent_timeout=0.3)) as rig:
         rig.stream.push(audio(0))

@@ -49,6 +49,11 @@ log = structlog.get_logger(__name__)
 HOUSEKEEPING_INTERVAL = 0.25
 """Seconds between checks of the DTLS/consent timeouts and Sender Report timing."""
 SR_INTERVAL = 1.0
+SR_STARTUP = 2.0
+"""Seconds after DTLS completes during which SRs go out every HOUSEKEEPING_INTERVAL."""
+ANCHOR_LEAK = 0.001
+"""Seconds per second the Sender Reports' stream-time anchor drifts up when no frame
+arrives as early as the earliest so far (1 ms/s: far more than encoder clock drift)."""
 """Seconds between two RTCP Sender Reports of a track (RFC 3550 section 6.2)."""
 CATCHUP_TICK = 0.005
 """Shortest sleep between two sends of cached GOP frames to a new viewer, seconds."""
@@ -332,12 +337,17 @@ class ViewerSession:
         # The last video RTP timestamp on the wire and when it was sent (monotonic): the
         # catch-up stamps cached frames on this clock so it never goes backwards.
         self._video_wire: tuple[int, float] | None = None
-        # Stream clock: stream time (ms) of the newest frame and when it arrived.
-        # Per track: the stream timestamp of its newest frame and when that arrived. SRs
-        # map each track's clock to the wallclock of arrival at the relay, so lip-sync
-        # holds even when the publisher's audio and video timelines are offset.
-        self._newest: dict[MediaKind, tuple[int, float]] = {}
+        # Tracks that have had a frame (SRs are sent only for those).
+        self._seen: set[MediaKind] = set()
+        # One mapping of stream time to the relay's clock for both tracks, so the SRs of
+        # audio and video agree (RFC 3550 section 6.4.1: one wallclock for all streams
+        # of a participant) and the browser plays them as the publisher timed them.
+        # It is the earliest arrival seen (arrival minus stream time, seconds): late
+        # arrivals are jitter (AAC comes in bursts), not a different clock.
+        self._anchor: float | None = None
+        self._anchor_at = 0.0
         self._last_sr = 0.0
+        self._connected_at = 0.0
         self._housekeeping_task: asyncio.Task[None] | None = None
         self._dtls_task: asyncio.Task[None] | None = None
         self._catchup_task: asyncio.Task[None] | None = None
@@ -466,10 +476,17 @@ class ViewerSession:
 
     def on_frame(self, frame: RtpFrame) -> None:
         video = frame.kind is MediaKind.VIDEO
-        self._newest[frame.kind] = (frame.timestamp, frame.received_at)
+        self._seen.add(frame.kind)
+        at = frame.received_at
+        lag = at - frame.timestamp / (VIDEO_CLOCK_RATE if video else AUDIO_CLOCK_RATE)
+        anchor = self._anchor_now(at)
+        if anchor is None or lag <= anchor:
+            self._anchor = lag
+            self._anchor_at = at
         if self._state is not SessionState.CONNECTED:
             return
-        self.congestion.on_offered(frame.size, self._clock())
+        if video:
+            self.congestion.on_offered(frame.size, self._clock())
         try:
             if video:
                 # While catching up, live video frames are also in the GOP cache.
@@ -570,18 +587,26 @@ class ViewerSession:
     def _send_rtcp(self, packet: bytes) -> None:
         self._send(self._dtls.protect_rtcp(packet), TrafficKind.RTCP)
 
+    def _anchor_now(self, now: float) -> float | None:
+        """The stream-time anchor at `now`: it leaks upwards slowly, to follow a
+        publisher clock that runs slower than ours."""
+        if self._anchor is None:
+            return None
+        return self._anchor + (now - self._anchor_at) * ANCHOR_LEAK
+
     def send_sender_reports(self) -> None:
         """One SR + SDES per track that has sent media (RFC 3550 section 6.4.1)."""
-        if not self._newest:
+        if not self._seen:
             return
         now = self._clock()
         ntp = _ntp_timestamp(self._wallclock())
         self.nack.rtt.on_sender_report(ntp)
         for track in (self.video, self.audio):
-            if track is None or track.packets == 0 or track.kind not in self._newest:
+            if track is None or track.packets == 0 or track.kind not in self._seen:
                 continue
-            timestamp, arrived = self._newest[track.kind]
-            rtp_ts = track.ts_offset + timestamp + int((now - arrived) * track.clock_rate)
+            anchor = self._anchor_now(now)
+            assert anchor is not None  # set with the first frame
+            rtp_ts = track.ts_offset + int((now - anchor) * track.clock_rate)
             if track is self.video and self._catching_up:
                 # Cached frames are stamped as if sent live (see _catch_up): map now to
                 # the video clock as it runs on the wire, so the browser does not hold
@@ -599,6 +624,7 @@ class ViewerSession:
             await self.close("dtls handshake failed")
             return
         self._set_state(SessionState.CONNECTED)
+        self._connected_at = self._clock()
         self._start_catch_up()
 
     def _start_catch_up(self) -> None:
@@ -689,7 +715,10 @@ class ViewerSession:
             elif self.ice.consent_expired(now, self.config.consent_timeout):
                 reason = "ice consent timeout"
             elif self._state is SessionState.CONNECTED:
-                if now - self._last_sr >= SR_INTERVAL:
+                # Browsers sync audio and video once they have two SRs of each track:
+                # send them quickly at the start.
+                starting = now - self._connected_at < SR_STARTUP
+                if now - self._last_sr >= (HOUSEKEEPING_INTERVAL if starting else SR_INTERVAL):
                     self._last_sr = now
                     self.send_sender_reports()
                 reason = self.check_congestion(now)
