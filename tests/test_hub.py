@@ -12,6 +12,7 @@ from structlog.testing import capture_logs
 from srsrelay.config import AudioConfig, HubConfig, VideoConfig
 from srsrelay.hub import h264
 from srsrelay.hub.frames import MediaKind, RtpFrame
+from srsrelay.hub.opus import OPUS_LOOKAHEAD
 from srsrelay.hub.registry import Hub, StreamBusy, StreamNotFound
 from srsrelay.hub.stream import MAX_CONSECUTIVE_ERRORS, PublishRejected, Stream
 from srsrelay.rtmp import flv
@@ -129,7 +130,7 @@ def test_audio_frames(tags: list[FileTag]) -> None:
         for t in tags
         if t.kind == TAG_AUDIO and flv.parse_audio_tag(t.body).packet_type is flv.AacPacketType.RAW
     )
-    assert audio[0].timestamp == first_audio_ms * 48
+    assert audio[0].timestamp == first_audio_ms * 48 - OPUS_LOOKAHEAD
     assert all(b.timestamp - a.timestamp == 960 for a, b in pairwise(audio))
     assert all(len(f.payloads) == 1 and not f.keyframe and f.marker_index == -1 for f in audio)
     assert stream.aac_config == flv.AacConfig(2, 44100, 2)

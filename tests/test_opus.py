@@ -13,7 +13,7 @@ import pytest
 
 from srsrelay.config import AudioConfig, HubConfig
 from srsrelay.hub.frames import RtpFrame
-from srsrelay.hub.opus import OPUS_FRAME_SAMPLES, AacToOpus
+from srsrelay.hub.opus import OPUS_FRAME_SAMPLES, OPUS_LOOKAHEAD, AacToOpus
 from srsrelay.hub.stream import Stream
 from srsrelay.rtmp import flv
 from tests.test_flv import TAG_AUDIO, FileTag, make_flv, read_flv_tags
@@ -75,7 +75,8 @@ def test_packets_timestamps_and_audio(source: AacStream) -> None:
     # 50 packets a second; the resampler holds back less than one frame.
     assert duration_ms / 20 - 2 <= len(packets) <= duration_ms / 20
     timestamps = [ts for _, ts in packets]
-    assert timestamps[0] == (1000 + frames[0][0]) * 48
+    # Stamped with the time of the audio each packet plays (minus the encoder's lookahead).
+    assert timestamps[0] == (1000 + frames[0][0]) * 48 - OPUS_LOOKAHEAD
     assert all(b - a == OPUS_FRAME_SAMPLES for a, b in pairwise(timestamps))
     # Decodes back to a loud sine (amplitude 1/8 full scale from lavfi's sine).
     samples = decode_opus([p for p, _ in packets])
@@ -93,7 +94,7 @@ def test_timestamp_jump_resyncs(source: AacStream) -> None:
     first = transcode(source, transcoder=transcoder)
     later = transcode(source, offset_ms=10_000, transcoder=transcoder)
     assert transcoder.resyncs == 1
-    assert later[0][1] == (10_000 + frames[0][0]) * 48
+    assert later[0][1] == (10_000 + frames[0][0]) * 48 - OPUS_LOOKAHEAD
     assert first[-1][1] < later[0][1]
     assert transcoder.errors == 0
 

@@ -19,6 +19,9 @@ log = structlog.get_logger(__name__)
 
 OPUS_FRAME_SAMPLES = 960
 """20 ms at 48 kHz: the frame size WebRTC receivers expect."""
+OPUS_LOOKAHEAD = 312
+"""libopus's encoder delay at 48 kHz (6.5 ms, the pre-skip of RFC 7845 section 4.2):
+the first decoded samples of a packet are input from that long before its start."""
 OPUS_SAMPLE_FORMAT = "s16"
 """libopus accepts s16 or flt; s16 halves the copy size."""
 SAMPLES_PER_MS = AUDIO_CLOCK_RATE // 1000
@@ -120,7 +123,10 @@ class AacToOpus:
             self._in_samples += decoded.samples * AUDIO_CLOCK_RATE / decoded.sample_rate
             for frame in self._resampler.resample(decoded):
                 for packet in self._encoder.encode(frame):
-                    out.append((bytes(packet), self._base + self._out_samples))
+                    # The decoder's output lags the input by the encoder's lookahead:
+                    # stamp the packet with the time of the audio it plays.
+                    stamp = self._base + self._out_samples - OPUS_LOOKAHEAD
+                    out.append((bytes(packet), stamp))
                     self._out_samples += packet.duration or OPUS_FRAME_SAMPLES
         return out
 
