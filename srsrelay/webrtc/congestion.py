@@ -3,7 +3,10 @@
 Signals, each over a sliding window of WINDOW seconds:
 - the fraction lost of the viewer's latest receiver report (RFC 3550 section 6.4.1);
 - the NACK rate: packets asked for the first time / media packets sent;
-- REMB, when the viewer sends it: an estimate below REMB_FACTOR x the stream's rate;
+- REMB, when the viewer sends it: an estimate below REMB_FACTOR x the stream's video
+  rate (Chromium's estimate without send-side extensions follows the video it receives,
+  so a near-still picture of a few kbit/s gets a tiny estimate: comparing it with
+  video plus audio would call a healthy viewer congested);
 - media datagrams the send path dropped for this viewer.
 
 CONGESTED starts when the loss exceeds the threshold, a send drop happened, or REMB
@@ -34,7 +37,7 @@ MIN_PACKETS_FOR_NACK_RATE = 30
 REPORT_MAX_AGE = 3.0
 """A receiver report older than this (seconds) no longer says anything about loss."""
 REMB_FACTOR = 0.8
-"""REMB below this fraction of the stream's media rate means the viewer's path is too slow."""
+"""REMB below this fraction of the stream's video rate means the viewer's path is too slow."""
 REMB_STARTUP_GRACE = 5.0
 """Seconds after the start during which REMB is ignored (receivers ramp their estimate up)."""
 
@@ -159,7 +162,7 @@ class CongestionMonitor:
             self._nacked.add(now, first_requests)
 
     def on_offered(self, nbytes: int, now: float) -> None:
-        """The stream produced a frame of `nbytes` for this viewer (sent or not)."""
+        """The stream produced a video frame of `nbytes` for this viewer (sent or not)."""
         self._offered.add(now, nbytes)
 
     def on_remb(self, bitrate: int, now: float) -> None:
