@@ -394,3 +394,6 @@ def test_h265_stream_matches_profile_id_and_its_default() -> None:
     assert offer.video is not None and offer.video.payload_type == 52
     with pytest.raises(CodecNotOffered):
         parse_offer(only_default, video_codec="H265", video_fmtp="profile-id=2")
+    # A High-tier stream does not match Main-tier formats.
+    with pytest.raises(CodecNotOffered):
+        parse_offer(sdp, video_codec="H265", video_fmtp="tier-flag=1;profile-id=1;level-id=123")

@@ -292,16 +292,18 @@ def _rtx_for(section: MediaSection, payload_type: int) -> int | None:
 def _choose_passthrough(section: MediaSection, codec: str, fmtp: str) -> VideoChoice | None:
     """Pick the offered H265 or AV1 format for a stream whose parameters are `fmtp`.
 
-    A format whose profile (H265 profile-id, AV1 profile) differs from the stream's
-    cannot decode it; one that leaves the profile out takes the default (RFC 7798
-    section 7.1: 1, Main; AV1 RTP section 7.2.1: 0, Main).
+    A format whose profile (H265 profile-id and tier, AV1 profile) differs from the
+    stream's cannot decode it; one that leaves them out takes the defaults (RFC 7798
+    section 7.1: profile 1, Main, tier 0; AV1 RTP section 7.2.1: profile 0, Main).
     """
     ours = _parse_fmtp(fmtp)
-    key, default = ("profile-id", "1") if codec == "H265" else ("profile", "0")
+    # Parameters that must match, with their defaults. H265: libwebrtc also matches the
+    # tier (RFC 7798 section 7.1: tier-flag defaults to 0, Main).
+    keys = {"profile-id": "1", "tier-flag": "0"} if codec == "H265" else {"profile": "0"}
     for c in section.codecs:
         if c.name.upper() != codec or c.clock_rate != 90000:
             continue
-        if c.fmtp.get(key, default) != ours.get(key, default):
+        if any(c.fmtp.get(k, d) != ours.get(k, d) for k, d in keys.items()):
             continue
         rtx = _rtx_for(section, c.payload_type)
         return VideoChoice(section.mid, c.payload_type, "", rtx, codec, fmtp)
