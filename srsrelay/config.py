@@ -90,6 +90,9 @@ class VideoConfig:
 class AudioConfig:
     opus_bitrate: int = 64_000
     """Opus encoder bitrate, bits per second."""
+    pacing: float = 0.05
+    """Seconds audio is held so it leaves evenly at its own timestamps (publishers send
+    AAC in bursts around video frames); 0 sends it as it arrives."""
 
 
 @dataclass(frozen=True)
@@ -405,6 +408,7 @@ def validate(config: Config) -> None:
         *KEYFRAME_INTERVAL_RANGE,
     )
     _between("audio.opus_bitrate", config.audio.opus_bitrate, *OPUS_BITRATE_RANGE)
+    _range("audio.pacing", config.audio.pacing, 0.0, 0.5)
 
     http = config.http
     _ip("http.listen", http.listen)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from itertools import pairwise
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from srsrelay.hub import h264
 from srsrelay.hub.frames import MediaKind, RtpFrame
 from srsrelay.hub.opus import OPUS_LOOKAHEAD
 from srsrelay.hub.registry import Hub, StreamBusy, StreamNotFound
-from srsrelay.hub.stream import MAX_CONSECUTIVE_ERRORS, PublishRejected, Stream
+from srsrelay.hub.stream import AUDIO_PACE_QUEUE, MAX_CONSECUTIVE_ERRORS, PublishRejected, Stream
 from srsrelay.rtmp import flv
 from tests.test_flv import TAG_AUDIO, TAG_VIDEO, FileTag, make_flv, read_flv_tags
 from tests.test_h264 import depacketize
@@ -59,13 +60,14 @@ def new_stream(
     hub_config: HubConfig | None = None,
     payload_size: int = PAYLOAD_SIZE,
     video_config: VideoConfig = PASSTHROUGH,
+    audio_config: AudioConfig | None = None,
 ) -> Stream:
     return Stream(
         "live",
         "test",
         "pub-1",
         hub_config or HubConfig(),
-        AudioConfig(),
+        audio_config or AudioConfig(),
         payload_size,
         video_config,
     )
@@ -580,3 +582,68 @@ def test_many_malformed_tags_in_a_row_reject_the_publish(tags: list[FileTag]) ->
         f"stream live/test: {MAX_CONSECUTIVE_ERRORS} malformed tags in a row, the last: "
         "NALU length 4096 at offset 0 runs past the end of the 5-byte packet"
     )
+
+
+class TimedRecorder(Recorder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.times: list[float] = []
+
+    def on_frame(self, frame: RtpFrame) -> None:
+        super().on_frame(frame)
+        self.times.append(time.monotonic())
+
+
+async def test_audio_pacer_evens_out_bursts(tags: list[FileTag]) -> None:
+    # The publisher sends AAC in bursts: whatever is due arrives together every 40 ms (as
+    # ffmpeg interleaves it with 25-30 fps video). The pacer releases each Opus packet
+    # at its own time, audio.pacing (50 ms) after the earliest arrival.
+    stream = new_stream()
+    reader = TimedRecorder()
+    stream.add_reader(reader)
+    audio_tags = [t for t in tags if t.kind == TAG_AUDIO][:45]  # about 1 s
+    start = time.monotonic()
+    first_ms = audio_tags[0].timestamp_ms
+    burst = 0.04
+    for tag in audio_tags:
+        rel = (tag.timestamp_ms - first_ms) / 1000
+        arrive = start + (int(rel / burst) + 1) * burst  # the end of its burst
+        await asyncio.sleep(max(0.0, arrive - time.monotonic()))
+        stream.on_audio_tag(tag.timestamp_ms, tag.body, time.monotonic())
+    await asyncio.sleep(0.3)
+    frames = reader.audio()
+    assert len(frames) >= 40, len(frames)
+    assert stream.stats.audio_frames == len(frames)
+    assert [f.timestamp for f in frames] == sorted(f.timestamp for f in frames)
+    # Evenly spaced (20 ms Opus frames) instead of two at once every 40 ms.
+    gaps = [b - a for a, b in pairwise(reader.times)]
+    even = sum(1 for g in gaps if 0.01 <= g <= 0.035)
+    assert even >= 0.8 * len(gaps), str([round(g * 1000) for g in gaps])
+    stream.end()
+
+
+async def test_audio_pacer_holds_a_bounded_queue_and_stops_with_the_stream(
+    tags: list[FileTag],
+) -> None:
+    stream = new_stream(audio_config=AudioConfig(pacing=0.5))
+    reader = Recorder()
+    stream.add_reader(reader)
+    start = time.monotonic()
+    for tag in [t for t in tags if t.kind == TAG_AUDIO]:
+        stream.on_audio_tag(tag.timestamp_ms, tag.body, start)
+    # 2 s of audio in one burst: only AUDIO_PACE_QUEUE packets wait, older ones went out.
+    assert len(stream._audio_queue) <= AUDIO_PACE_QUEUE
+    assert len(reader.frames) >= stream.stats.audio_frames > 0
+    stream.end()
+    assert not stream._audio_queue and stream._audio_timer is None
+    sent = len(reader.frames)
+    await asyncio.sleep(0.6)
+    assert len(reader.frames) == sent, "nothing is sent after the stream ended"
+
+
+def test_pacing_off_sends_audio_at_once(tags: list[FileTag]) -> None:
+    stream = new_stream(audio_config=AudioConfig(pacing=0.0))
+    reader = Recorder()
+    stream.add_reader(reader)
+    feed(stream, [t for t in tags if t.kind == TAG_AUDIO])
+    assert len(reader.audio()) >= 95

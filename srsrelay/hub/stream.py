@@ -7,6 +7,7 @@ parse, packetize H.264, transcode AAC to Opus, cache the current GOP, fan out.
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import functools
 import time
@@ -19,7 +20,7 @@ import structlog
 
 from srsrelay.config import AudioConfig, HubConfig, VideoConfig
 from srsrelay.hub import av1, h264, hevc, transcode
-from srsrelay.hub.frames import VIDEO_CLOCK_RATE, MediaKind, RtpFrame
+from srsrelay.hub.frames import AUDIO_CLOCK_RATE, VIDEO_CLOCK_RATE, MediaKind, RtpFrame
 from srsrelay.hub.opus import AacToOpus
 from srsrelay.hub.timeline import Timeline, Track
 from srsrelay.rtmp import flv
@@ -41,6 +42,12 @@ BFRAMES_ADVICE = (
 
 SDP_CODECS = {"AVC": "H264", "HEVC": "H265", "AV1": "AV1"}
 """Video codec names: as the FLV parser gives them -> as SDP (and the API) names them."""
+
+AUDIO_PACE_QUEUE = 50
+"""Most Opus packets (1 s) held by the audio pacer; beyond it they are sent at once."""
+AUDIO_ANCHOR_LEAK = 0.001
+"""Seconds per second the pacer's arrival anchor rises when nothing arrives as early
+(follows a publisher clock slower than ours)."""
 
 MAX_CONSECUTIVE_ERRORS = 50
 """Malformed tags in a row after which the publish is rejected (about 1-2 s of media)."""
@@ -120,6 +127,21 @@ class StreamStats:
     """Publishers that published this stream (more than 1 after reconnects)."""
     reader_errors: int = 0
     """Exceptions raised by readers (a reader bug; the frame still went to the others)."""
+    keyframes: int = 0
+    """Video keyframes sent to readers."""
+    last_keyframe_ts: int = 0
+    """RTP timestamp (90 kHz) of the last of those keyframes."""
+    gop_ticks: int = 0
+    """RTP ticks (90 kHz) between the last two keyframes: the GOP length; 0 before two."""
+
+    def count_keyframe(self, timestamp: int, keyframe: bool) -> None:
+        """Note a video frame sent to readers at RTP `timestamp` (for the GOP length)."""
+        if not keyframe:
+            return
+        if self.keyframes and timestamp > self.last_keyframe_ts:
+            self.gop_ticks = timestamp - self.last_keyframe_ts
+        self.keyframes += 1
+        self.last_keyframe_ts = timestamp
 
 
 class _Throttle:
@@ -209,6 +231,12 @@ class Stream:
         self._reader_error_log = _Throttle(ERROR_LOG_INTERVAL)
         self._raw_before_config_logged = False
         self._consecutive_errors = 0
+        self._audio_queue: collections.deque[tuple[float, RtpFrame]] = collections.deque()
+        """Opus packets held by the pacer with the monotonic time they are due; at most
+        AUDIO_PACE_QUEUE."""
+        self._audio_timer: asyncio.TimerHandle | None = None
+        self._audio_anchor: float | None = None
+        self._audio_anchor_at = 0.0
 
     # -- publisher side -------------------------------------------------------------
 
@@ -647,6 +675,7 @@ class Stream:
         self._last_video_ts = max(self._last_video_ts, timestamp)
         self._cache(frame)
         self.stats.video_frames += 1
+        self.stats.count_keyframe(timestamp, keyframe)
         self._fan_out(frame)
 
     def _cache(self, frame: RtpFrame) -> None:
@@ -734,10 +763,57 @@ class Stream:
                 size=len(packet),
                 received_at=received_at,
             )
-            self.stats.audio_frames += 1
-            self._fan_out(frame)
-            if self.rendition is not None:
-                self.rendition._fan_out(frame)
+            self._pace_audio(frame)
+
+    def _pace_audio(self, frame: RtpFrame) -> None:
+        """Send audio at its own timestamps: `audio.pacing` seconds after the earliest
+        arrival (relative to the stream clock) seen, in order, never later than that."""
+        delay = self._audio_config.pacing
+        at = frame.received_at
+        lag = at - frame.timestamp / AUDIO_CLOCK_RATE
+        anchor = self._audio_anchor
+        if anchor is not None:
+            anchor += (at - self._audio_anchor_at) * AUDIO_ANCHOR_LEAK
+        if anchor is None or lag < anchor:
+            anchor = lag
+            self._audio_anchor, self._audio_anchor_at = lag, at
+        due = anchor + frame.timestamp / AUDIO_CLOCK_RATE + delay
+        queue = self._audio_queue
+        if delay > 0 and len(queue) < AUDIO_PACE_QUEUE:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None  # no loop (unit tests): send at once
+            if loop is not None and (queue or due > time.monotonic()):
+                queue.append((due, frame))
+                if self._audio_timer is None:
+                    self._schedule_audio(loop)
+                return
+        self._flush_audio(float("inf"))
+        self._send_audio(frame)
+
+    def _schedule_audio(self, loop: asyncio.AbstractEventLoop) -> None:
+        wait = max(0.0, self._audio_queue[0][0] - time.monotonic())
+        self._audio_timer = loop.call_later(wait, self._release_audio)
+
+    def _release_audio(self) -> None:
+        self._audio_timer = None
+        if self.ended:
+            return
+        self._flush_audio(time.monotonic())
+        if self._audio_queue:
+            self._schedule_audio(asyncio.get_running_loop())
+
+    def _flush_audio(self, until: float) -> None:
+        queue = self._audio_queue
+        while queue and queue[0][0] <= until:
+            self._send_audio(queue.popleft()[1])
+
+    def _send_audio(self, frame: RtpFrame) -> None:
+        self.stats.audio_frames += 1
+        self._fan_out(frame)
+        if self.rendition is not None:
+            self.rendition._fan_out(frame)
 
     def _unsupported(self, exc: flv.UnsupportedCodec) -> None:
         if exc.kind not in self._unsupported_logged:
@@ -798,6 +874,10 @@ class Stream:
             except Exception:
                 log.exception("reader failed on stream end", stream=self.key)
         self._close_transcoder()
+        if self._audio_timer is not None:
+            self._audio_timer.cancel()
+            self._audio_timer = None
+        self._audio_queue.clear()
         if self._video_transcoder is not None:
             self._stop_video_transcoder()
         if self.rendition is not None:
