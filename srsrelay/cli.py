@@ -1,4 +1,5 @@
-"""The `srsrelay` command: load the configuration, run the relay until SIGINT/SIGTERM."""
+"""The `srsrelay` command: load the configuration, run the relay until SIGINT/SIGTERM;
+SIGHUP reloads the configuration file (and the environment)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import os
 import signal
 import sys
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +17,10 @@ import structlog
 from srsrelay import __version__
 from srsrelay.config import Config, ConfigError, load_config
 from srsrelay.log import configure_logging
+from srsrelay.reload import plan_reload
+
+if typing.TYPE_CHECKING:
+    from srsrelay.app import Relay
 
 log = structlog.get_logger(__name__)
 
@@ -64,11 +70,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     configure_logging(config.log)
     log.info("configuration loaded", source=source, version=__version__)
-    return asyncio.run(serve(config))
+    return asyncio.run(serve(config, path))
 
 
-async def serve(config: Config) -> int:
-    """Start the relay, wait for SIGINT or SIGTERM, stop it gracefully."""
+async def serve(config: Config, path: Path | None = None) -> int:
+    """Start the relay, wait for SIGINT or SIGTERM, stop it gracefully. SIGHUP reloads
+    the configuration from `path` (built-in defaults if None) and the environment."""
     # Imported here so that `--check` and `--version` do not load the media stack.
     from srsrelay.app import Relay, StartError
 
@@ -82,8 +89,15 @@ async def serve(config: Config) -> int:
             log.warning("signal received again, still stopping", signal=sig.name)
         shutdown.set()
 
+    relay: Relay | None = None
+
+    def on_hangup() -> None:
+        if relay is not None and not received:
+            reload_config(relay, path)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
         relay = Relay(config)
         try:
@@ -107,8 +121,27 @@ async def serve(config: Config) -> int:
         log.info("relay stopped")
         return EXIT_OK
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+
+
+def reload_config(relay: Relay, path: Path | None) -> bool:
+    """Load the configuration again and apply what can change while running. A file that
+    does not load leaves the running configuration as it is; the error says why.
+    Returns whether the new configuration was taken."""
+    source = str(path) if path is not None else "built-in defaults"
+    log.info("reloading configuration", source=source)
+    try:
+        new = load_config(path, os.environ)
+        plan = plan_reload(relay.config, new)
+    except ConfigError as exc:
+        log.error("config reload failed; keeping the running configuration", error=str(exc))
+        return False
+    if "log.level" in plan.applied:
+        # First, so that the reload's own log lines follow the new level.
+        configure_logging(plan.config.log)
+    relay.reload(new)
+    return True
 
 
 def run() -> None:

@@ -32,7 +32,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
 import structlog
@@ -40,8 +40,9 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 
-from srsrelay import __version__
-from srsrelay.config import HttpConfig, RtcConfig
+from srsrelay.config import ApiConfig, HttpConfig, RtcConfig
+from srsrelay.hooks import HookClient, request_body
+from srsrelay.http.api import Api
 from srsrelay.http.sdpfrag import (
     SDPFRAG_TYPE,
     FragMedia,
@@ -52,9 +53,14 @@ from srsrelay.http.sdpfrag import (
 )
 from srsrelay.hub.registry import Hub, StreamNotFound
 from srsrelay.hub.stream import Stream
+from srsrelay.limits import LimitHits
 from srsrelay.webrtc.sdp import CodecNotOffered, OfferError, candidate_priority
 from srsrelay.webrtc.server import RtcServer
 from srsrelay.webrtc.viewer import SessionState, ViewerSession
+
+if TYPE_CHECKING:
+    from srsrelay.metrics import Metrics
+    from srsrelay.rtmp.server import RtmpServer
 
 log = structlog.get_logger(__name__)
 
@@ -204,28 +210,60 @@ class HttpServer:
     """The aiohttp application on http.listen:http.port."""
 
     def __init__(
-        self, config: HttpConfig, hub: Hub, rtc: RtcServer, *, rtmp_port: int = 1935
+        self,
+        config: HttpConfig,
+        hub: Hub,
+        rtc: RtcServer,
+        *,
+        rtmp_port: int = 1935,
+        hooks: HookClient | None = None,
+        api: ApiConfig | None = None,
+        rtmp: RtmpServer | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._config = config
         self._hub = hub
         self._rtc = rtc
+        self._hooks = hooks
+        self._plays: dict[str, dict[str, str]] = {}
+        """Viewer session id -> its hook body, for on_stop. Entries leave when the session
+        closes, so there are at most rtc.max_viewers."""
+        rtc.closed_listeners.append(self._viewer_closed)
         self._rtmp_port = rtmp_port
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         # Tokens are compared as SHA-256 digests so every comparison has the same length.
         self._token_digests = [hashlib.sha256(t.encode()).digest() for t in config.whep_tokens]
         self._rate = RateLimiter(config.whep_rate_limit, config.whep_rate_burst)
-        self.rate_limited = RefusalCounter()
-        """WHEP POSTs answered 429."""
+        self.limit_hits = LimitHits()
+        """Requests refused by a limit (429, 413, 503), by its config key."""
         self.unauthorized = RefusalCounter()
         """WHEP requests answered 401."""
         self.not_live = 0
         """WHEP POSTs answered 409."""
-        self.full = 0
-        """WHEP POSTs answered 503."""
         self.malformed = MalformedRequestFilter()
         """Requests aiohttp could not parse (answered 400 by aiohttp)."""
+        self.api = Api(
+            api or ApiConfig(),
+            hub,
+            rtc,
+            rtmp=rtmp,
+            rtmp_port=rtmp_port,
+            http_stats=self.stats,
+            metrics=metrics,
+        )
+        """The JSON API and /metrics (api.access applies to both)."""
         self.app = self._build_app()
+
+    def reconfigure(self, config: HttpConfig) -> None:
+        """Config reload: tokens, rate limit, body size and CORS origins apply to the next
+        request. listen and port are not changed (the relay reports them as needing a
+        restart)."""
+        self._config = config
+        self._token_digests = [hashlib.sha256(t.encode()).digest() for t in config.whep_tokens]
+        # Buckets keep their tokens; they refill at the new rate up to the new burst.
+        self._rate.rate = config.whep_rate_limit
+        self._rate.burst = config.whep_rate_burst
 
     @property
     def port(self) -> int:
@@ -262,10 +300,12 @@ class HttpServer:
 
     def stats(self) -> dict[str, Any]:
         return {
-            "rate_limited": self.rate_limited.count,
+            "rate_limited": self.limit_hits["http.whep_rate_limit"],
             "unauthorized": self.unauthorized.count,
             "not_live": self.not_live,
-            "full": self.full,
+            "full": self.limit_hits["rtc.max_viewers"]
+            + self.limit_hits["rtc.max_viewers_per_stream"],
+            "limit_hits": dict(self.limit_hits),
             "malformed": self.malformed.refused.count,
             "rate_limit_clients": len(self._rate),
         }
@@ -280,13 +320,7 @@ class HttpServer:
         r = app.router
         r.add_get("/", self._index)
         r.add_static("/static/", STATIC_DIR, append_version=False)
-        r.add_get("/api/v1/info", self._api_info)
-        r.add_get("/api/v1/streams", self._api_streams)
-        r.add_get("/api/v1/streams/", self._api_streams)
-        r.add_get("/api/v1/sessions", self._api_sessions)
-        r.add_get("/api/v1/sessions/", self._api_sessions)
-        r.add_get("/api/v1/rtc", self._api_rtc)
-        r.add_get("/api/v1/http", self._api_http)
+        self.api.add_routes(r)
         endpoint = "/whep/{app}/{stream}"
         r.add_post(endpoint, self._whep_post)
         r.add_get(endpoint, self._endpoint_get, allow_head=False)
@@ -336,26 +370,6 @@ class HttpServer:
 
     async def _index(self, request: web.Request) -> web.StreamResponse:
         return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
-
-    async def _api_info(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            {"code": 0, "server": "srsrelay", "version": __version__, "rtmp_port": self._rtmp_port}
-        )
-
-    async def _api_streams(self, request: web.Request) -> web.Response:
-        now = time.time()
-        streams = [stream_json(s, now) for s in self._hub.streams()]
-        return web.json_response({"code": 0, "streams": streams})
-
-    async def _api_sessions(self, request: web.Request) -> web.Response:
-        sessions = [session_json(s) for s in list(self._rtc.sessions.values())]
-        return web.json_response({"code": 0, "sessions": sessions})
-
-    async def _api_rtc(self, request: web.Request) -> web.Response:
-        return web.json_response({"code": 0, "rtc": self._rtc.stats()})
-
-    async def _api_http(self, request: web.Request) -> web.Response:
-        return web.json_response({"code": 0, "http": self.stats()})
 
     # -- WHEP: OPTIONS, GET, HEAD --------------------------------------------------
 
@@ -434,8 +448,48 @@ class HttpServer:
         except OfferError as exc:
             log.info("offer rejected", stream=stream.key, error=str(exc))
             raise HttpError(400, str(exc)) from None
+        body = request_body(
+            client_id=session.id,
+            ip=request.remote or "",
+            app=app,
+            stream=name,
+            param=request.query_string,
+            token=_bearer_token(request),
+        )
+        await self._ask_on_play(session, body)
+        self._plays[session.id] = body
         log.info("whep session created", stream=stream.key, session=session.id)
         return session
+
+    async def _ask_on_play(self, session: ViewerSession, body: dict[str, str]) -> None:
+        """The on_play hook decides about a created session: 403 closes it (no on_stop).
+
+        It is asked after the session exists so that its client_id is the viewer id that
+        on_stop and the API report; the session counts towards rtc.max_viewers meanwhile."""
+        hooks = self._hooks
+        if hooks is None or not hooks.enabled("on_play"):
+            return
+        key = f"{body['app']}/{body['stream']}"
+        try:
+            allowed, reason = await hooks.check("on_play", body)
+        except BaseException:
+            session.close_soon("request cancelled while asking the on_play hook")
+            raise
+        if not allowed:
+            await self._rtc.close_session(session.id, "refused by the on_play hook")
+            raise HttpError(403, f"playing stream {key} is not allowed: {reason}")
+        if session.state is SessionState.CLOSED:
+            raise HttpError(
+                409,
+                f"stream {key} ended while the on_play hook was asked; "
+                f"retry after {NOT_LIVE_RETRY_AFTER} s",
+                {"Retry-After": str(NOT_LIVE_RETRY_AFTER)},
+            )
+
+    def _viewer_closed(self, session: ViewerSession) -> None:
+        body = self._plays.pop(session.id, None)
+        if body is not None and self._hooks is not None:
+            self._hooks.notify("on_stop", {**body, "reason": session.close_reason or "closed"})
 
     def _check_rate(self, request: web.Request) -> None:
         client = request.remote or ""
@@ -443,13 +497,14 @@ class HttpServer:
         wait = self._rate.take(client, now)
         if wait <= 0:
             return
-        since = self.rate_limited.add(now)
+        since = self.limit_hits.hit("http.whep_rate_limit", now)
         if since is not None:
             log.warning(
                 "whep requests rate limited",
+                setting="http.whep_rate_limit",
                 client=client,
                 refused=since,
-                total=self.rate_limited.count,
+                total=self.limit_hits["http.whep_rate_limit"],
                 limit=self._config.whep_rate_limit,
             )
         retry = max(1, math.ceil(wait))
@@ -501,7 +556,7 @@ class HttpServer:
         sessions = self._rtc.sessions
         headers = {"Retry-After": str(FULL_RETRY_AFTER)}
         if len(sessions) >= rtc.max_viewers:
-            self.full += 1
+            self._limit_hit("rtc.max_viewers", limit=rtc.max_viewers)
             raise HttpError(
                 503,
                 f"the relay has its maximum of {rtc.max_viewers} viewers (rtc.max_viewers); "
@@ -513,12 +568,24 @@ class HttpServer:
             return
         viewers = sum(1 for s in list(sessions.values()) if s.stream.key == stream.key)
         if viewers >= limit:
-            self.full += 1
+            self._limit_hit("rtc.max_viewers_per_stream", limit=limit, stream=stream.key)
             raise HttpError(
                 503,
                 f"stream {stream.key} has its maximum of {limit} viewers "
                 f"(rtc.max_viewers_per_stream); retry after {FULL_RETRY_AFTER} s",
                 headers,
+            )
+
+    def _limit_hit(self, setting: str, **context: object) -> None:
+        """Count a request refused by `setting`; log at most once a second per setting."""
+        since = self.limit_hits.hit(setting, time.monotonic())
+        if since is not None:
+            log.warning(
+                "limit reached",
+                setting=setting,
+                hits=since,
+                total=self.limit_hits[setting],
+                **context,
             )
 
     async def _find_stream(self, app: str, name: str) -> Stream:
@@ -676,16 +743,24 @@ class HttpServer:
         limit = self._config.max_body_size
         length = request.content_length
         if length is not None and length > limit:
+            self._limit_hit("http.max_body_size", limit=limit, client=request.remote)
             raise HttpError(413, _too_large(what, f"{length} bytes", limit))
         body = bytearray()
         while chunk := await request.content.read(READ_CHUNK):
             body += chunk
             if len(body) > limit:
+                self._limit_hit("http.max_body_size", limit=limit, client=request.remote)
                 raise HttpError(413, _too_large(what, f"more than {limit} bytes", limit))
         try:
             return body.decode("utf-8")
         except UnicodeDecodeError:
             raise HttpError(400, f"body is not an {what}: it is not UTF-8 text") from None
+
+
+def _bearer_token(request: web.Request) -> str:
+    """The bearer token of the Authorization header (RFC 6750 section 2.1), or ""."""
+    scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
 
 
 def _check_offer_text(text: str) -> None:
@@ -739,39 +814,3 @@ def _srs_stream(request: web.Request) -> tuple[str, str]:
             "query parameters app and stream are required, e.g. /rtc/v1/whep/?app=live&stream=test",
         )
     return app, name
-
-
-def stream_json(stream: Stream, now: float) -> dict[str, Any]:
-    """One stream in the SRS-like shape of GET /api/v1/streams."""
-    video: dict[str, Any] | None = None
-    if stream.has_video:
-        video = {"codec": stream.video_codec}
-        if stream.video_codec == "H264":
-            video["profile_level_id"] = stream.profile_level_id
-        else:
-            video["fmtp"] = stream.video_fmtp
-            video["h264_rendition"] = stream.rendition is not None
-    clients = len(stream.readers)
-    if stream.rendition is not None:
-        clients += len(stream.rendition.readers)
-    return {
-        "id": stream.key,
-        "app": stream.app,
-        "name": stream.name,
-        "url": f"/whep/{quote(stream.app, safe='')}/{quote(stream.name, safe='')}",
-        "video": video,
-        "audio": {"codec": "opus"} if stream.has_audio else None,
-        "clients": clients,
-        "publish": {"active": stream.publishing, "cid": stream.publisher_id},
-        "state": stream.state.value,
-        "bframes": {"present": stream.has_bframes, "policy": stream.bframes_policy.value},
-        "live_ms": max(0, round((now - stream.started_at) * 1000)),
-        "frames_in": stream.stats.frames_in,
-        "bytes_in": stream.stats.bytes_in,
-        "errors": stream.stats.errors,
-    }
-
-
-def session_json(session: ViewerSession) -> dict[str, Any]:
-    """One viewer session for GET /api/v1/sessions: everything the session reports."""
-    return session.stats()

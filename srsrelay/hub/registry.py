@@ -8,8 +8,9 @@ from collections.abc import Callable
 
 import structlog
 
-from srsrelay.config import AudioConfig, HubConfig, VideoConfig
+from srsrelay.config import AudioConfig, HubConfig, RtmpConfig, VideoConfig
 from srsrelay.hub.stream import PublishState, Stream
+from srsrelay.limits import LimitHits
 
 log = structlog.get_logger(__name__)
 
@@ -20,6 +21,10 @@ class StreamBusy(Exception):
 
 class StreamNotFound(Exception):
     """Nobody publishes this stream."""
+
+
+class TooManyPublishers(Exception):
+    """rtmp.max_publishers streams are being published; the message names the setting."""
 
 
 class Hub:
@@ -33,7 +38,13 @@ class Hub:
         payload_size: int,
         video_config: VideoConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        max_publishers: int = RtmpConfig.max_publishers,
     ) -> None:
+        self.max_publishers = max_publishers
+        """rtmp.max_publishers; the relay changes it on reload (existing publishers stay)."""
+        self.limit_hits = LimitHits()
+        """Publishes refused by a limit, by its config key."""
         self._hub_config = hub_config
         self._audio_config = audio_config
         self._video_config = video_config or VideoConfig()
@@ -53,10 +64,14 @@ class Hub:
         A stream waiting for its publisher (hub.reconnect_grace) is continued by the
         new one, readers and all. A live stream raises StreamBusy unless hub.takeover
         is set: then the old publisher is kicked and the new one continues the stream
-        (with reconnect_grace = 0, the old stream ends and a new one starts).
+        (with reconnect_grace = 0, the old stream ends and a new one starts). A publish
+        that would make one publisher more than rtmp.max_publishers raises
+        TooManyPublishers (a takeover does not add one).
         """
         key = f"{app}/{name}"
         old = self._streams.get(key)
+        if old is None or old.state is PublishState.WAITING:
+            self._check_publishers(key)
         if old is not None and old.state is PublishState.WAITING:
             self._cancel_timer(key)
             waited = self._clock() - (old.left_at or self._clock())
@@ -93,6 +108,30 @@ class Hub:
         self._kicks[key] = kick
         log.info("publish started", stream=key, publisher=publisher_id)
         return stream
+
+    @property
+    def publisher_count(self) -> int:
+        """Streams that have a publisher now (not those waiting for one to come back)."""
+        return len(self._kicks)
+
+    def _check_publishers(self, key: str) -> None:
+        limit = self.max_publishers
+        if len(self._kicks) < limit:
+            return
+        since = self.limit_hits.hit("rtmp.max_publishers", self._clock())
+        if since is not None:
+            log.warning(
+                "limit reached",
+                setting="rtmp.max_publishers",
+                limit=limit,
+                stream=key,
+                hits=since,
+                total=self.limit_hits["rtmp.max_publishers"],
+            )
+        raise TooManyPublishers(
+            f"stream {key} refused: the relay has its maximum of {limit} publishers "
+            f"(rtmp.max_publishers)"
+        )
 
     def unpublish(self, stream: Stream) -> None:
         """The publisher of `stream` left. With hub.reconnect_grace > 0 the stream and

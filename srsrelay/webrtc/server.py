@@ -7,12 +7,13 @@ ICE-lite (by ufrag), DTLS and SRTP/SRTCP to the viewer owning the source address
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import ipaddress
 import socket
 import time
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import structlog
@@ -73,6 +74,12 @@ class RtcServer:
         """Send outcomes over all viewers."""
         self.received: dict[RecvCount, int] = {c: 0 for c in RecvCount}
         self._last_error_log = -ERROR_LOG_INTERVAL
+        self.closed_listeners: list[Callable[[ViewerSession], None]] = []
+        """Called with every viewer session that ended, whatever the reason."""
+        self.closed: collections.Counter[str] = collections.Counter()
+        """Viewer sessions closed, by close_category() of their reason."""
+        self._closed_totals: collections.Counter[str] = collections.Counter()
+        """session_totals() summed over the closed sessions (totals never go backwards)."""
 
     @property
     def port(self) -> int:
@@ -211,6 +218,20 @@ class RtcServer:
         addr = session.ice.remote_addr
         if addr is not None and self._by_addr.get(addr) is session:
             del self._by_addr[addr]
+        self.closed[close_category(session.close_reason)] += 1
+        self._closed_totals.update(session_totals(session))
+        for listener in list(self.closed_listeners):
+            try:
+                listener(session)
+            except Exception:
+                log.exception("viewer closed listener failed", viewer=session.id)
+
+    def viewer_totals(self) -> collections.Counter[str]:
+        """session_totals() over every viewer since start: closed plus open sessions."""
+        totals = self._closed_totals.copy()
+        for session in list(self._sessions.values()):
+            totals.update(session_totals(session))
+        return totals
 
     def _counters_for(self, addr: tuple[str, int]) -> SendCounters | None:
         session = self._by_addr.get(addr)
@@ -302,6 +323,52 @@ class RtcServer:
             session.on_remote_address(addr)
         assert self._send_path is not None
         self._send_path.send(answered.response, addr, TrafficKind.STUN, session.counters)
+
+
+CLOSE_CATEGORIES = (
+    ("viewer sent DELETE", "deleted"),
+    ("kicked", "kicked"),
+    ("stream ended", "stream_ended"),
+    ("ice consent timeout", "consent_timeout"),
+    ("dtls handshake failed", "dtls_failed"),
+    ("dtls timeout", "dtls_timeout"),
+    ("dtls closed", "dtls_closed"),
+    ("overloaded", "overload"),
+    ("server stopping", "shutdown"),
+    ("relay is shutting down", "shutdown"),
+    ("refused by", "refused"),
+    ("send failed", "error"),
+    ("stream refused", "error"),
+    ("request cancelled", "error"),
+)
+"""Close reason prefix -> category: a fixed label set for counting free-text reasons."""
+
+
+def close_category(reason: str | None) -> str:
+    """The category of a viewer session's close reason ("other" if none matches)."""
+    for prefix, category in CLOSE_CATEGORIES:
+        if reason is not None and reason.startswith(prefix):
+            return category
+    return "other"
+
+
+def session_totals(session: ViewerSession) -> collections.Counter[str]:
+    """One viewer's feedback and drop counters, under fixed keys summed across viewers."""
+    nack = session.nack.counters
+    totals: collections.Counter[str] = collections.Counter(
+        nacks_received=session.rtcp.nacks,
+        nack_requested=nack.requested,
+        retransmitted=nack.retransmitted,
+        retransmitted_bytes=nack.retransmitted_bytes,
+        nack_over_budget=nack.over_budget,
+        nack_not_found=nack.not_found,
+        nack_too_soon=nack.too_soon,
+        plis=session.rtcp.plis,
+        firs=session.rtcp.firs,
+    )
+    for reason, n in session.frames_dropped.items():
+        totals[f"frames_dropped:{reason}"] = n
+    return totals
 
 
 def _parse_for(offer_sdp: str, stream: StreamSource) -> Offer:

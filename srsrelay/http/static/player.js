@@ -20,6 +20,7 @@
     retryMs: RETRY_MIN_MS,
     rtmpPort: 1935,
     live: [], // streams from /api/v1/streams
+    listError: null, // why the stream list is not shown (API refused or unreachable)
   };
   // timing: milliseconds (performance.now) of this attempt's start (before the offer),
   // the WHEP answer and the first video frame shown; read by tests and bench/ttff.py.
@@ -294,6 +295,12 @@
   function renderStreams() {
     const body = $('streams');
     body.replaceChildren();
+    if (state.listError) {
+      const row = document.createElement('tr');
+      cell(row, state.listError).colSpan = 6;
+      body.appendChild(row);
+      return;
+    }
     if (state.live.length === 0) {
       const row = document.createElement('tr');
       cell(row, 'No live streams. Publish one over RTMP (see above).').colSpan = 6;
@@ -320,12 +327,31 @@
   }
 
   async function refreshStreams() {
+    let response;
     try {
-      const response = await fetch('/api/v1/streams', { cache: 'no-store' });
+      response = await fetch('/api/v1/streams', { cache: 'no-store' });
+    } catch (err) {
+      state.listError = 'The stream list could not be loaded: ' + err + '.';
+      renderStreams();
+      return;
+    }
+    if (response.status === 401 || response.status === 403) {
+      // The relay's API is locked down (api.access): no list, but ?stream=app/name plays.
+      clearInterval(listTimer);
+      state.live = [];
+      state.listError = 'The stream list is not public on this relay (API answered ' +
+        response.status + '). Play a stream by adding ?stream=app/name to this address.';
+      renderStreams();
+      return;
+    }
+    try {
       const data = await response.json();
       state.live = data.streams || [];
+      state.listError = null;
     } catch (err) {
-      state.live = [];
+      state.listError = 'The stream list could not be read (' + response.status + ').';
+      renderStreams();
+      return;
     }
     renderStreams();
     const listed = state.live.some((s) => s.app + '/' + s.name === state.stream);
@@ -341,8 +367,11 @@
   async function loadInfo() {
     try {
       const response = await fetch('/api/v1/info', { cache: 'no-store' });
-      const info = await response.json();
-      if (info.rtmp_port) state.rtmpPort = info.rtmp_port;
+      // 401/403 when the API is locked down (api.access): keep the default port.
+      if (response.ok) {
+        const info = await response.json();
+        if (info.rtmp_port) state.rtmpPort = info.rtmp_port;
+      }
     } catch (err) {
       // Keep the default port.
     }
@@ -358,6 +387,6 @@
   const wanted = new URLSearchParams(location.search).get('stream');
   if (wanted) play(wanted.replace(/^\/+|\/+$/g, ''));
   loadInfo();
+  const listTimer = setInterval(refreshStreams, LIST_INTERVAL_MS);
   refreshStreams();
-  setInterval(refreshStreams, LIST_INTERVAL_MS);
 })();
