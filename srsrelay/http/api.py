@@ -557,8 +557,7 @@ def viewer_json(session: ViewerSession, now: float, rates: RateBook | None) -> d
     `now` is time.monotonic()."""
     stats = session.stats()
     addr = session.ice.remote_addr
-    # ViewerSession keeps its creation time (monotonic) privately.
-    alive = max(0.0, now - session._created_at)
+    alive = max(0.0, now - session.created_at)
     send_bytes = sum(c.bytes_sent for c in session.counters.kinds.values())
     send_30s = _rate(rates, ("viewer_out", session.id), CLIENT_RATE_WINDOW)
     send_10s = _rate(rates, ("viewer_out", session.id), BITRATE_WINDOW)

@@ -790,6 +790,11 @@ class ViewerSession:
 
     # -- reporting ---------------------------------------------------------------
 
+    @property
+    def created_at(self) -> float:
+        """When the session was created (the viewer's clock, time.monotonic())."""
+        return self._created_at
+
     def stats(self) -> dict[str, Any]:
         addr = self.ice.remote_addr
         tracks = {
