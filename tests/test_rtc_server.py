@@ -230,6 +230,10 @@ async def test_aiortc_viewer_decodes_video_and_audio(
             assert stats["send"]["kinds"]["stun"]["sent"] > 0
             assert stats["send"]["kinds"]["dtls"]["sent"] > 0
             assert server.received[RecvCount.DTLS] > 0
+            # Live frames are timed from their arrival to the last packet sent.
+            latency = server.stats()["latency"]
+            assert latency["video"]["frames"] > 0 and latency["audio"]["frames"] > 0
+            assert latency["video"]["p99_ms"] is not None
         finally:
             await pc.close()
     await server.close_session(session.id, "test done")

@@ -20,8 +20,10 @@ import structlog
 from aiortc import RTCCertificate
 
 from srsrelay.config import RtcConfig
+from srsrelay.hub.frames import MediaKind
 from srsrelay.webrtc.dtls import generate_certificate
 from srsrelay.webrtc.ice import IceLite
+from srsrelay.webrtc.latency import LatencyHistogram, bucket_bounds
 from srsrelay.webrtc.sdp import CodecNotOffered, Offer, parse_offer
 from srsrelay.webrtc.sendpath import SendCounters, SendPath, TrafficKind
 from srsrelay.webrtc.viewer import StreamSource, ViewerSession
@@ -71,6 +73,10 @@ class RtcServer:
         self._by_addr: dict[tuple[str, int], ViewerSession] = {}
         self._port = 0
         self.counters = SendCounters("all", log_drops=False)
+        self.latency = {kind: LatencyHistogram() for kind in MediaKind}
+        """Relay-added latency of every frame sent to a viewer: from the RTMP message's
+        arrival to its last RTP packet leaving (audio includes audio.pacing; catch-up
+        frames from the GOP cache are not counted)."""
         """Send outcomes over all viewers."""
         self.received: dict[RecvCount, int] = {c: 0 for c in RecvCount}
         self._last_error_log = -ERROR_LOG_INTERVAL
@@ -171,6 +177,7 @@ class RtcServer:
             certificate=self._certificate,
             port=self._port,
             on_closed=self._session_closed,
+            latency=self.latency,
         )
         self._sessions[session.id] = session
         self._by_ufrag[session.ice.ufrag] = session
@@ -245,6 +252,8 @@ class RtcServer:
             "stun_dropped": {d.value: n for d, n in self._ice.drops.items()},
             "send": self.counters.snapshot(),
             "send_path": self._send_path.stats() if self._send_path is not None else None,
+            "latency": {kind.value: h.snapshot() for kind, h in self.latency.items()},
+            "latency_bucket_ms": [b if b != float("inf") else None for b in bucket_bounds()],
         }
 
     # -- receive loop --------------------------------------------------------------

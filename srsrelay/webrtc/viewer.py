@@ -30,6 +30,7 @@ from srsrelay.webrtc.congestion import CongestionMonitor, CongestionState
 from srsrelay.webrtc.dtls import DtlsSrtp, sha256_fingerprint
 from srsrelay.webrtc.ice import IceSession
 from srsrelay.webrtc.keyframe import KeyframeAnswer, KeyframeRequests
+from srsrelay.webrtc.latency import LatencyHistogram
 from srsrelay.webrtc.nack import NackResponder, PacketHistory, rtp_packet, rtx_packet
 from srsrelay.webrtc.rtcp import (
     MAX_RTCP_SIZE,
@@ -265,8 +266,11 @@ class ViewerSession:
         on_closed: Callable[[ViewerSession], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wallclock: Callable[[], float] = time.time,
+        latency: dict[MediaKind, LatencyHistogram] | None = None,
     ) -> None:
         self.id = secrets.token_hex(8)
+        self._latency = latency
+        """Shared with every viewer of the server: arrival to last packet sent, per kind."""
         self.stream = stream
         self.offer = offer
         self.config = config
@@ -556,7 +560,10 @@ class ViewerSession:
             else:
                 complete = False
                 break
-        self.congestion.on_media_sent(packets, self._clock())
+        now = self._clock()
+        self.congestion.on_media_sent(packets, now)
+        if complete and self._latency is not None and not self._catching_up:
+            self._latency[frame.kind].record(now - frame.received_at)
         return complete
 
     def _retransmit(self, track: TrackSender, slots: list[int]) -> None:
