@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 RTP_HEADER_SIZE = 12
@@ -89,6 +90,27 @@ class PacketHistory:
         self._resent_at[slot] = _NEVER
         self._requested[slot] = False
         self._newest = seq
+
+    def put_frame(
+        self, seq: int, payloads: Sequence[bytes], count: int, timestamp: int, marker_index: int
+    ) -> None:
+        """`put` the first `count` packets of a frame, numbered from `seq`; the one at
+        `marker_index` (-1: none) carries the marker bit. One call per frame sent."""
+        if count <= 0:
+            return
+        mask = self._mask
+        seqs, stored, timestamps = self._seqs, self._payloads, self._timestamps
+        markers, resent_at, requested = self._markers, self._resent_at, self._requested
+        for i in range(count):
+            slot = seq & mask
+            seqs[slot] = seq
+            stored[slot] = payloads[i]
+            timestamps[slot] = timestamp
+            markers[slot] = i == marker_index
+            resent_at[slot] = _NEVER
+            requested[slot] = False
+            seq = (seq + 1) & 0xFFFF
+        self._newest = (seq - 1) & 0xFFFF
 
     def find(self, seq: int) -> int:
         """The slot holding `seq`, or -1."""

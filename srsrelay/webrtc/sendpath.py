@@ -66,6 +66,10 @@ class TrafficKind(enum.Enum):
     DTLS = "dtls"
     STUN = "stun"
 
+    # Members are singletons compared by identity: hash them by identity too, in C,
+    # rather than Enum's hash(name) in Python (a dict lookup per datagram sent).
+    __hash__ = object.__hash__
+
 
 CONTROL_PRIORITY = (TrafficKind.STUN, TrafficKind.DTLS, TrafficKind.RTCP)
 """Kinds held in the control queue while the socket is blocked, highest priority first:
@@ -87,6 +91,12 @@ class SendOutcome(enum.Enum):
     ERROR = "error"
     """Any other OSError; its errno is counted."""
 
+    __hash__ = object.__hash__  # see TrafficKind
+
+
+_SENT = SendOutcome.SENT
+_SENT_NO_ERROR = (_SENT, 0)
+"""What `_sendto` returns for a datagram the kernel took (one tuple for all of them)."""
 
 _DROP_WORDS = {
     SendOutcome.DROPPED_WOULD_BLOCK: "would block",
@@ -285,6 +295,7 @@ class SendPath:
     ) -> None:
         sock.setblocking(False)
         self._sock = sock
+        self._sock_sendto = sock.sendto
         self._fd = sock.fileno()
         self.counters = counters if counters is not None else SendCounters("all", log_drops=False)
         """Counts over all viewers."""
@@ -352,17 +363,26 @@ class SendPath:
         kind: TrafficKind,
         counters: SendCounters,
     ) -> SendOutcome:
-        size = len(data)
-        if self._closed:
-            return self._record(counters, kind, SendOutcome.DROPPED_CLOSED, size)
-        if self._blocked:
-            if kind in self._queues:
-                return self._enqueue(_Queued(data, addr, kind, counters))
-            return self._record(counters, kind, SendOutcome.DROPPED_WOULD_BLOCK, size)
+        if self._closed or self._blocked:
+            return self._send_held(data, addr, kind, counters)
         outcome, err = self._sendto(data, addr)
+        if outcome is _SENT:
+            # counters.record(kind, SENT, size) and the same for the global counters,
+            # inlined: this runs for every packet to every viewer.
+            size = len(data)
+            c = counters.kinds[kind]
+            c.attempted += 1
+            c.sent += 1
+            c.bytes_sent += size
+            if counters is not self.counters:
+                c = self.counters.kinds[kind]
+                c.attempted += 1
+                c.sent += 1
+                c.bytes_sent += size
+            return _SENT
         if outcome is SendOutcome.DROPPED_WOULD_BLOCK and self._block() and kind in self._queues:
             return self._enqueue(_Queued(data, addr, kind, counters))
-        return self._record(counters, kind, outcome, size, err)
+        return self._record(counters, kind, outcome, len(data), err)
 
     def close(self) -> None:
         """Stop sending: drop (and count) what is queued, remove the writer. Idempotent.
@@ -426,12 +446,24 @@ class SendPath:
 
     # -- internals -------------------------------------------------------------------
 
+    def _send_held(
+        self, data: bytes, addr: tuple[str, int], kind: TrafficKind, counters: SendCounters
+    ) -> SendOutcome:
+        """`send` while closed or blocked: queue control datagrams, drop the rest."""
+        size = len(data)
+        if self._closed:
+            return self._record(counters, kind, SendOutcome.DROPPED_CLOSED, size)
+        if kind in self._queues:
+            return self._enqueue(_Queued(data, addr, kind, counters))
+        return self._record(counters, kind, SendOutcome.DROPPED_WOULD_BLOCK, size)
+
     def _sendto(
         self, data: bytes, addr: tuple[str, int], retry: bool = True
     ) -> tuple[SendOutcome, int]:
+        """The one call of ``sendto``."""
         try:
-            self._sock.sendto(data, addr)
-            return SendOutcome.SENT, 0
+            self._sock_sendto(data, addr)
+            return _SENT_NO_ERROR
         except BlockingIOError:
             return SendOutcome.DROPPED_WOULD_BLOCK, 0
         except OSError as exc:

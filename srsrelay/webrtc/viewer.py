@@ -27,11 +27,17 @@ from aiortc import RTCCertificate
 from srsrelay.config import RtcConfig
 from srsrelay.hub.frames import AUDIO_CLOCK_RATE, VIDEO_CLOCK_RATE, MediaKind, RtpFrame
 from srsrelay.webrtc.congestion import CongestionMonitor, CongestionState
-from srsrelay.webrtc.dtls import DtlsSrtp, sha256_fingerprint
+from srsrelay.webrtc.dtls import RTP_HEADER, DtlsSrtp, sha256_fingerprint
 from srsrelay.webrtc.ice import IceSession
 from srsrelay.webrtc.keyframe import KeyframeAnswer, KeyframeRequests
 from srsrelay.webrtc.latency import LatencyHistogram
-from srsrelay.webrtc.nack import NackResponder, PacketHistory, rtp_packet, rtx_packet
+from srsrelay.webrtc.nack import (
+    RTP_HEADER_SIZE,
+    NackResponder,
+    PacketHistory,
+    rtp_packet,
+    rtx_packet,
+)
 from srsrelay.webrtc.rtcp import (
     MAX_RTCP_SIZE,
     FirPacket,
@@ -118,6 +124,12 @@ class StreamSource(Protocol):
     def remove_reader(self, reader: FrameReader) -> None: ...
 
 
+_VIDEO = MediaKind.VIDEO
+_MEDIA = TrafficKind.MEDIA
+_SENT = SendOutcome.SENT
+_CONGESTED = CongestionState.CONGESTED
+
+
 class SessionState(enum.Enum):
     NEW = "new"
     """Answer sent, no valid STUN request yet."""
@@ -126,6 +138,9 @@ class SessionState(enum.Enum):
     CONNECTED = "connected"
     """SRTP keys ready; media flows."""
     CLOSED = "closed"
+
+
+_CONNECTED = SessionState.CONNECTED
 
 
 def _random_ssrc() -> int:
@@ -150,26 +165,18 @@ class TrackSender:
         """RTP payload octets sent (for SR)."""
         self.history = PacketHistory(history_size)
         """The last packets, for NACKs (a reference to each payload, not a copy)."""
-        self._header = bytearray(12)
 
     def packet(self, payload: bytes, timestamp: int, marker: bool) -> bytes:
+        """The plain RTP packet of `payload` (sent frames use `ViewerSession._send_frame`,
+        which builds the same header straight into the SRTP buffer)."""
         seq = self.seq
         wire_timestamp = (timestamp + self.ts_offset) & 0xFFFFFFFF
-        struct.pack_into(
-            "!BBHII",
-            self._header,
-            0,
-            0x80,
-            (0x80 if marker else 0) | self.payload_type,
-            seq,
-            wire_timestamp,
-            self.ssrc,
-        )
+        second = (0x80 if marker else 0) | self.payload_type
         self.history.put(seq, payload, wire_timestamp, marker)
         self.seq = (seq + 1) & 0xFFFF
         self.packets += 1
         self.octets += len(payload)
-        return bytes(self._header) + payload
+        return RTP_HEADER.pack(0x80, second, seq, wire_timestamp, self.ssrc) + payload
 
 
 @dataclass(slots=True)
@@ -271,6 +278,8 @@ class ViewerSession:
         self.id = secrets.token_hex(8)
         self._latency = latency
         """Shared with every viewer of the server: arrival to last packet sent, per kind."""
+        self._video_latency = latency.get(MediaKind.VIDEO) if latency else None
+        self._audio_latency = latency.get(MediaKind.AUDIO) if latency else None
         self.stream = stream
         self.offer = offer
         self.config = config
@@ -341,6 +350,8 @@ class ViewerSession:
         # The last video RTP timestamp on the wire and when it was sent (monotonic): the
         # catch-up stamps cached frames on this clock so it never goes backwards.
         self._video_wire: tuple[int, float] | None = None
+        self._sent_at = 0.0
+        """When the last frame was handed to the send path (the viewer's clock)."""
         # Tracks that have had a frame (SRs are sent only for those).
         self._seen: set[MediaKind] = set()
         # One mapping of stream time to the relay's clock for both tracks, so the SRs of
@@ -479,20 +490,21 @@ class ViewerSession:
     # -- hub reader --------------------------------------------------------------
 
     def on_frame(self, frame: RtpFrame) -> None:
-        video = frame.kind is MediaKind.VIDEO
-        self._seen.add(frame.kind)
+        kind = frame.kind
+        video = kind is _VIDEO
+        if len(self._seen) < 2:
+            self._seen.add(kind)
         at = frame.received_at
         lag = at - frame.timestamp / (VIDEO_CLOCK_RATE if video else AUDIO_CLOCK_RATE)
         anchor = self._anchor_now(at)
         if anchor is None or lag <= anchor:
             self._anchor = lag
             self._anchor_at = at
-        if self._state is not SessionState.CONNECTED:
+        if self._state is not _CONNECTED:
             return
-        if video:
-            self.congestion.on_offered(frame.size, self._clock())
         try:
             if video:
+                self.congestion.on_offered(frame.size, self._clock())
                 # While catching up, live video frames are also in the GOP cache.
                 if self.video is not None and not self._catching_up:
                     self._send_video(frame)
@@ -513,10 +525,11 @@ class ViewerSession:
 
     def _send_video(self, frame: RtpFrame) -> None:
         """Send a whole video frame or none of it; after a gap, only from a keyframe."""
-        assert self.video is not None
+        video = self.video
+        assert video is not None
         # Decided at the frame boundary: a partly sent frame is undecodable, and so is
         # every frame after a gap until the next keyframe.
-        if self.congestion.state is CongestionState.CONGESTED:
+        if self.congestion.state is _CONGESTED:
             self.frames_dropped["congestion"] += 1
             self._need_keyframe = True
             return
@@ -529,10 +542,10 @@ class ViewerSession:
                 self.frames_dropped["awaiting_keyframe"] += 1
                 return
             self._need_keyframe = False
-        if not self._send_frame(self.video, frame):
+        if not self._send_frame(video, frame):
             self.frames_dropped["broken"] += 1
             self._need_keyframe = True
-        self._video_wire = (frame.timestamp + self.video.ts_offset, self._clock())
+        self._video_wire = (frame.timestamp + video.ts_offset, self._sent_at)
 
     def _video_wire_now(self, now: float) -> int | None:
         """Where the video RTP clock stands now, continuing from the last frame sent."""
@@ -542,28 +555,55 @@ class ViewerSession:
         return wire + int((now - at) * VIDEO_CLOCK_RATE)
 
     def _send_frame(self, track: TrackSender, frame: RtpFrame) -> bool:
-        """Send every packet of `frame`; False (and the rest unsent) once one is not SENT."""
-        marker_index = frame.marker_index
-        protect = self._dtls.protect_rtp
-        send = self._send_path.send
-        earn = self.nack.on_media_sent
+        """Send every packet of `frame`; False (and the rest unsent) once one is not SENT.
+
+        Runs for every packet to every viewer: per packet only the header fields change,
+        the packet is built and protected in one buffer (dtls.RtpWriter), and the
+        per-track totals, retransmit credit and congestion input are added once per frame.
+        """
         addr = self.ice.remote_addr
         if addr is None:
+            self._sent_at = self._clock()
             return False
+        write = self._dtls.rtp_writer.write
+        send = self._send_path.send
+        counters = self.counters
+        payload_type = track.payload_type
+        marked = 0x80 | payload_type
+        ssrc = track.ssrc
+        timestamp = (frame.timestamp + track.ts_offset) & 0xFFFFFFFF
+        payloads = frame.payloads
+        last = frame.marker_index
+        first_seq = seq = track.seq
+        packets = octets = unsent = 0
         complete = True
-        packets = 0
-        for i, payload in enumerate(frame.payloads):
-            packet = track.packet(payload, frame.timestamp, i == marker_index)
-            packets += 1
-            if send(protect(packet), addr, TrafficKind.MEDIA, self.counters) is SendOutcome.SENT:
-                earn(len(packet))
-            else:
-                complete = False
-                break
-        now = self._clock()
+        try:
+            for payload in payloads:
+                size = len(payload)
+                second = marked if packets == last else payload_type
+                data = write(second, seq, timestamp, ssrc, payload)
+                seq = (seq + 1) & 0xFFFF
+                packets += 1
+                octets += size
+                if send(data, addr, _MEDIA, counters) is not _SENT:
+                    complete = False
+                    unsent = size
+                    break
+        finally:
+            # Every packet handed to the send path is in the history, sent or not.
+            track.history.put_frame(first_seq, payloads, packets, timestamp, last)
+            track.seq = seq
+            track.packets += packets
+            track.octets += octets
+        # Retransmit credit: what was sent, headers included (no credit for the refused one).
+        sent = packets if complete else packets - 1
+        self.nack.on_media_sent(octets - unsent + RTP_HEADER_SIZE * sent)
+        self._sent_at = now = self._clock()
         self.congestion.on_media_sent(packets, now)
-        if complete and self._latency is not None and not self._catching_up:
-            self._latency[frame.kind].record(now - frame.received_at)
+        if complete and not self._catching_up:
+            latency = self._video_latency if track is self.video else self._audio_latency
+            if latency is not None:
+                latency.record(now - frame.received_at)
         return complete
 
     def _retransmit(self, track: TrackSender, slots: list[int]) -> None:
