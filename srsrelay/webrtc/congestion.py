@@ -21,6 +21,7 @@ viewer's path, and disconnecting viewers for it would punish all of them.
 from __future__ import annotations
 
 import enum
+from array import array
 from dataclasses import dataclass
 
 WINDOW_BUCKETS = 8
@@ -62,11 +63,16 @@ class CongestionTransition:
 
 
 class _Window:
-    """Per-bucket sums over the last WINDOW_BUCKETS buckets."""
+    """Per-bucket sums over the last WINDOW_BUCKETS buckets.
+
+    Typed arrays rather than lists: no int/float object per bucket (five windows per viewer).
+    """
+
+    __slots__ = ("_ids", "_values")
 
     def __init__(self) -> None:
-        self._ids = [-1] * WINDOW_BUCKETS
-        self._values = [0.0] * WINDOW_BUCKETS
+        self._ids = array("q", [-1]) * WINDOW_BUCKETS
+        self._values = array("d", [0.0]) * WINDOW_BUCKETS
 
     def _slot(self, now: float) -> int:
         bucket = int(now / BUCKET_SECONDS)
@@ -121,6 +127,31 @@ class _Window:
 
 class CongestionMonitor:
     """The congestion state machine of one viewer."""
+
+    __slots__ = (
+        "loss_threshold",
+        "overload_timeout",
+        "_started",
+        "_state",
+        "_sent",
+        "_nacked",
+        "_offered",
+        "_drops",
+        "_remb",
+        "_report_loss",
+        "_report_at",
+        "_calm_since",
+        "_overload_since",
+        "_cleared_at",
+        "loss",
+        "transitions",
+        "_rr_loss",
+        "_nack_rate",
+        "_window_drops",
+        "_remb_low",
+        "_remb_peak",
+        "_media_rate",
+    )
 
     def __init__(self, loss_threshold: float, overload_timeout: float, now: float) -> None:
         self.loss_threshold = loss_threshold

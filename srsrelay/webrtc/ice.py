@@ -45,6 +45,18 @@ class StunDrop(enum.Enum):
 class IceSession:
     """ICE state of one viewer: credentials, selected remote address, consent."""
 
+    __slots__ = (
+        "ufrag",
+        "pwd",
+        "remote_ufrag",
+        "remote_addr",
+        "nominated",
+        "last_consent",
+        "requests",
+        "generation",
+        "__weakref__",  # weak references find closed viewers that are still held
+    )
+
     def __init__(self, remote_ufrag: str, ufrag: str | None = None, pwd: str | None = None):
         self.ufrag = ufrag or random_ice_string(UFRAG_LENGTH)
         """Our ice-ufrag; identifies the viewer in USERNAME."""

@@ -7,8 +7,8 @@ retransmit budget) and the viewer builds, protects and sends them.
 
 from __future__ import annotations
 
-import collections
 import struct
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,6 +27,10 @@ SR_HISTORY = 16
 RETRANSMIT_BURST = 64 * 1024
 """Most retransmit credit (bytes) a viewer can save up."""
 _NEVER = float("-inf")
+_SEQ_TYPE = "i"
+"""array typecode of sequence numbers: 4-byte signed (-1 marks an empty slot)."""
+_U32_TYPE = "I" if array("I").itemsize >= 4 else "L"
+"""array typecode of RTP timestamps: the smallest unsigned type holding 32 bits."""
 
 
 def ntp_middle32(ntp: int) -> int:
@@ -65,19 +69,36 @@ class PacketHistory:
     packetized frames, not copies. Lookups refuse sequence numbers ahead of the newest
     (more than half the 16-bit space away counts as ahead), older than the ring, or
     whose slot was overwritten.
+
+    Numbers are kept in typed arrays (4 bytes a sequence number or timestamp, 1 a flag)
+    rather than lists of int objects: with two tracks per viewer that is most of a
+    viewer's Python memory. The NACK bookkeeping (resent time, asked-for flag) is
+    created at the first lookup: most tracks are never NACKed.
     """
+
+    __slots__ = (
+        "size",
+        "_mask",
+        "_seqs",
+        "_payloads",
+        "_timestamps",
+        "_markers",
+        "_resent_at",
+        "_requested",
+        "_newest",
+    )
 
     def __init__(self, size: int) -> None:
         if size < 1 or size & (size - 1):
             raise ValueError(f"rtc.nack_history must be a power of two, got {size}")
         self.size = size
         self._mask = size - 1
-        self._seqs = [-1] * size
+        self._seqs = array(_SEQ_TYPE, [-1]) * size
         self._payloads: list[bytes] = [b""] * size
-        self._timestamps = [0] * size
-        self._markers = [False] * size
-        self._resent_at = [_NEVER] * size
-        self._requested = [False] * size
+        self._timestamps = array(_U32_TYPE, [0]) * size
+        self._markers = bytearray(size)
+        self._resent_at: array[float] | None = None
+        self._requested: bytearray | None = None
         self._newest = -1
 
     def put(self, seq: int, payload: bytes, timestamp: int, marker: bool) -> None:
@@ -87,8 +108,8 @@ class PacketHistory:
         self._payloads[slot] = payload
         self._timestamps[slot] = timestamp
         self._markers[slot] = marker
-        self._resent_at[slot] = _NEVER
-        self._requested[slot] = False
+        if self._requested is not None:
+            self._forget_requests(slot, 1)
         self._newest = seq
 
     def put_frame(
@@ -99,18 +120,42 @@ class PacketHistory:
         if count <= 0:
             return
         mask = self._mask
-        seqs, stored, timestamps = self._seqs, self._payloads, self._timestamps
-        markers, resent_at, requested = self._markers, self._resent_at, self._requested
+        seqs, stored, timestamps, markers = (
+            self._seqs,
+            self._payloads,
+            self._timestamps,
+            self._markers,
+        )
+        first_slot = seq & mask
         for i in range(count):
             slot = seq & mask
             seqs[slot] = seq
             stored[slot] = payloads[i]
             timestamps[slot] = timestamp
             markers[slot] = i == marker_index
-            resent_at[slot] = _NEVER
-            requested[slot] = False
             seq = (seq + 1) & 0xFFFF
+        if self._requested is not None:
+            self._forget_requests(first_slot, count)
         self._newest = (seq - 1) & 0xFFFF
+
+    def _forget_requests(self, first_slot: int, count: int) -> None:
+        """Reset the NACK bookkeeping of `count` slots from `first_slot` (wrapping)."""
+        resent_at, requested = self._resent_at, self._requested
+        assert resent_at is not None and requested is not None
+        size = self.size
+        count = min(count, size)
+        end = first_slot + count
+        for start, stop in ((first_slot, min(end, size)), (0, max(end - size, 0))):
+            if stop > start:
+                resent_at[start:stop] = _never(stop - start)
+                requested[start:stop] = bytes(stop - start)
+
+    def _bookkeeping(self) -> tuple[array[float], bytearray]:
+        resent_at, requested = self._resent_at, self._requested
+        if resent_at is None or requested is None:
+            resent_at = self._resent_at = _never(self.size)
+            requested = self._requested = bytearray(self.size)
+        return resent_at, requested
 
     def find(self, seq: int) -> int:
         """The slot holding `seq`, or -1."""
@@ -125,37 +170,48 @@ class PacketHistory:
 
     def entry(self, slot: int) -> tuple[int, bytes, int, bool]:
         """(seq, payload, timestamp, marker) in `slot`."""
-        return self._seqs[slot], self._payloads[slot], self._timestamps[slot], self._markers[slot]
+        marker = bool(self._markers[slot])
+        return self._seqs[slot], self._payloads[slot], self._timestamps[slot], marker
 
     def first_request(self, slot: int) -> bool:
         """True the first time the packet in `slot` is asked for."""
-        if self._requested[slot]:
+        requested = self._bookkeeping()[1]
+        if requested[slot]:
             return False
-        self._requested[slot] = True
+        requested[slot] = 1
         return True
 
     def resent_at(self, slot: int) -> float:
         """When the packet in `slot` was last resent (-inf: never)."""
-        return self._resent_at[slot]
+        return _NEVER if self._resent_at is None else self._resent_at[slot]
 
     def mark_resent(self, slot: int, now: float) -> None:
-        self._resent_at[slot] = now
+        self._bookkeeping()[0][slot] = now
 
     def payload_size(self, slot: int) -> int:
         return len(self._payloads[slot])
 
     def clear(self) -> None:
         """Drop every reference (the viewer is gone)."""
-        self._seqs = [-1] * self.size
+        self._seqs = array(_SEQ_TYPE, [-1]) * self.size
         self._payloads = [b""] * self.size
+        self._resent_at = self._requested = None
         self._newest = -1
+
+
+def _never(count: int) -> array[float]:
+    return array("d", [_NEVER]) * count
 
 
 class RttEstimator:
     """Round-trip time from report blocks: A - LSR - DLSR (RFC 3550 section 6.4.1)."""
 
+    __slots__ = ("_sent", "_next", "rtt", "samples", "rejected")
+
     def __init__(self) -> None:
-        self._sent: collections.deque[int] = collections.deque(maxlen=SR_HISTORY)
+        # A ring of SR_HISTORY entries; 0 is never looked up (LSR 0 means no SR yet).
+        self._sent = array(_U32_TYPE, [0]) * SR_HISTORY
+        self._next = 0
         self.rtt: float | None = None
         """Smoothed RTT in seconds; None before the first valid sample."""
         self.samples = 0
@@ -172,7 +228,8 @@ class RttEstimator:
         """We sent an SR with this 64-bit NTP timestamp."""
         middle = ntp_middle32(ntp)
         if middle not in self._sent:
-            self._sent.append(middle)
+            self._sent[self._next] = middle
+            self._next = (self._next + 1) % SR_HISTORY
 
     def on_report(self, lsr: int, dlsr: int, arrival_ntp: int) -> float | None:
         """Take one report block arriving at `arrival_ntp`; returns the sample (seconds)."""
@@ -196,6 +253,8 @@ class RttEstimator:
 
 class RetransmitBudget:
     """Token bucket: each media byte sent earns `fraction` bytes of retransmission."""
+
+    __slots__ = ("fraction", "burst", "tokens")
 
     def __init__(self, fraction: float, burst: int = RETRANSMIT_BURST) -> None:
         self.fraction = fraction
@@ -257,6 +316,8 @@ class NackDecision:
 
 class NackResponder:
     """Per-viewer NACK policy: RTT suppression and the retransmit budget."""
+
+    __slots__ = ("counters", "budget", "rtt", "_overhead")
 
     def __init__(self, budget_fraction: float, rtx: bool) -> None:
         self.counters = NackCounters()
