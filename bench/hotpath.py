@@ -5,9 +5,10 @@ handshake (an in-process DTLS client per viewer on its own loopback socket), all
 sending through one real SendPath on one UDP socket, as the server does. Then it
 fans synthetic frames out the way the hub does (every reader's ``on_frame``, frame
 by frame) as fast as the CPU allows, and times it with the process CPU clock
-(user + system, so ``sendto`` in the kernel counts):
+(user + system, so the send system calls count: one sendmmsg per video frame to a
+viewer where the send path batches, else one sendto per packet):
 
-- us/packet: CPU per media RTP packet sent (header rewrite, SRTP, sendto, counters,
+- us/packet: CPU per media RTP packet sent (header rewrite, SRTP, system calls, counters,
   NACK history, congestion and latency accounting, per-frame work spread over
   the frame's packets);
 - viewers/core: viewer-seconds of stream served per CPU second.
@@ -20,6 +21,7 @@ runs between two stream-seconds (timers, Sender Reports).
 
     python bench/hotpath.py                      # this tree
     python bench/hotpath.py --compare HEAD       # HEAD's srsrelay, then this tree, alternately
+    python bench/hotpath.py --sendto             # this tree, one sendto per packet (no batches)
 
 Short repetitions, many of them, best counts: on a shared machine that filters out
 the time other processes take from this one's caches and cores.
@@ -262,13 +264,21 @@ class Result:
 
 
 async def run(
-    viewers: int, seconds: int, bitrates: list[int], repeat: int, payload: int
+    viewers: int,
+    seconds: int,
+    bitrates: list[int],
+    repeat: int,
+    payload: int,
+    sendto: bool = False,
 ) -> list[Result]:
     config = RtcConfig()
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, config.sndbuf)
-    rig = Rig(BenchStream(), SendPath(sock, control_queue=config.control_queue), sock, [], [])
+    # Only this tree's SendPath knows `batch`: pass it only when asked.
+    options: dict[str, Any] = {"batch": False} if sendto else {}
+    path = SendPath(sock, control_queue=config.control_queue, **options)
+    rig = Rig(BenchStream(), path, sock, [], [])
     results = []
     try:
         await _connect(rig, viewers, config)
@@ -422,6 +432,9 @@ def main() -> None:
     parser.add_argument("--compare", metavar="REV", help="also run REV's srsrelay (git archive)")
     parser.add_argument("--rounds", type=int, default=3, help="--compare: alternating rounds")
     parser.add_argument("--top", type=Path, help="summarize py-spy raw stacks and exit")
+    parser.add_argument(
+        "--sendto", action="store_true", help="no sendmmsg batches: one sendto per packet"
+    )
     args = parser.parse_args()
     # Session state changes are logged at info: keep the table readable.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
@@ -429,10 +442,14 @@ def main() -> None:
         top(args.top, 15)
         return
     if args.compare:
+        if args.sendto:
+            parser.error("--sendto runs this tree only; it does not combine with --compare")
         compare(args.compare, args)
         return
     bitrates = [int(b) for b in args.bitrates.split(",")]
-    results = asyncio.run(run(args.viewers, args.seconds, bitrates, args.repeat, args.payload))
+    results = asyncio.run(
+        run(args.viewers, args.seconds, bitrates, args.repeat, args.payload, args.sendto)
+    )
     if args.json:
         print(json.dumps([asdict(r) for r in results]))
     else:

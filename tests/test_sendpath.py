@@ -444,3 +444,59 @@ def test_errqueue_drain_is_bounded(pair: tuple[socket.socket, socket.socket]) ->
     assert len(drains) >= 2
     assert path.errqueue_drained == total
     assert not _readable(tx, 0)
+
+
+# -- staged batches (SendPath.send_staged) -----------------------------------------------
+
+
+async def test_staged_batch_refused_part_way_by_a_full_receiver(
+    blocked_pair: tuple[CountingSocket, socket.socket],
+) -> None:
+    """A real EAGAIN in the middle of a batch (here sent one sendto per datagram: the
+    socket class wraps sendto): the rest of the batch is dropped and the path blocks."""
+    tx, rx = blocked_pair
+    path = SendPath(tx)
+    assert not path.batching
+    viewer = SendCounters("ab12")
+    accepted = _fill(path, viewer)
+    assert path.blocked
+    # Room for two more datagrams, then wait for the writer to unblock the path.
+    first = [rx.recv(100), rx.recv(100)]
+    for _ in range(500):
+        if not path.blocked:
+            break
+        await asyncio.sleep(0.01)
+    assert not path.blocked
+    batch = [b"b%d" % i for i in range(5)]
+    for i, data in enumerate(batch):
+        path.staging.put(i, data)
+    calls = tx.calls
+    assert path.send_staged(5, PEER, TrafficKind.MEDIA, viewer) == 2
+    assert tx.calls == calls + 3  # two taken, the third refused, the rest not tried
+    assert path.blocked and path.times_blocked == 2
+    media = viewer.kinds[TrafficKind.MEDIA]
+    assert (media.attempted, media.sent) == (accepted + 1 + 5, accepted + 2)
+    assert media.dropped_would_block == 1 + 3
+    _invariant(viewer)
+    _invariant(path.counters)
+    received = first + await _until_unblocked(path, rx)
+    assert received[-2:] == batch[:2] and len(received) == accepted + 2
+    path.close()
+
+
+def test_staged_batch_counts_bytes_once_per_viewer_and_globally(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    tx, rx = pair
+    path = SendPath(tx)
+    viewer = SendCounters("ab12")
+    for i in range(3):
+        path.staging.put(i, bytes(100 + i))
+    assert path.send_staged(3, _addr(rx), TrafficKind.MEDIA, viewer) == 3
+    assert path.send_staged(2, _addr(rx), TrafficKind.MEDIA, path.counters) == 2
+    assert viewer.kinds[TrafficKind.MEDIA].bytes_sent == 303
+    total = path.counters.kinds[TrafficKind.MEDIA]
+    assert (total.attempted, total.sent, total.bytes_sent) == (5, 5, 303 + 201)
+    _invariant(viewer)
+    _invariant(path.counters)
+    assert [len(rx.recv(200)) for _ in range(5)] == [100, 101, 102, 100, 101]

@@ -18,11 +18,11 @@ tests/test_contract_aiortc.py):
   ``Message.add_message_integrity``, ``Method``, ``Class`` (see ice.py).
 
 Media packets are protected by `RtpWriter`, which calls libsrtp's ``srtp_protect`` on a
-buffer of its own through pylibsrtp's cffi binding (``pylibsrtp._binding.lib`` and
-``Session._srtp``): the header is packed and the payload copied straight into that
-buffer, saving the packet concatenation and the wrapper's per-call allocations. A
-self-test against ``Session.protect`` decides at first use; without those members, or
-if the outputs differ, it falls back to ``Session.protect``.
+buffer of its own, or in place in a send path's staging slot, through pylibsrtp's cffi
+binding (``pylibsrtp._binding.lib`` and ``Session._srtp``): the header is packed and the
+payload copied straight into that buffer, saving the packet concatenation and the
+wrapper's per-call allocations. A self-test against ``Session.protect`` decides at first
+use; without those members, or if the outputs differ, it falls back to ``Session.protect``.
 """
 
 from __future__ import annotations
@@ -39,10 +39,13 @@ import pylibsrtp
 from aiortc import RTCCertificate, RTCDtlsFingerprint, RTCDtlsParameters, RTCDtlsTransport
 from aiortc.rtcdtlstransport import State as _DtlsState
 
+from srsrelay.webrtc.sendpath import SLOT_SIZE, Staging
+
 DTLS_QUEUE_SIZE = 64
 """Incoming DTLS records queued per viewer; more are dropped (and counted)."""
-RTP_BUFFER_SIZE = 2048
-"""Bytes of an `RtpWriter`'s packet buffer: the largest RTP packet plus SRTP trailer."""
+RTP_BUFFER_SIZE = SLOT_SIZE
+"""Bytes of an `RtpWriter`'s packet buffer (and of a send path's staging slot, where it
+also writes): the largest RTP packet plus SRTP trailer."""
 SRTP_MAX_TRAILER = 16 + 128
 """Room libsrtp may append: SRTP_MAX_TAG_LEN + SRTP_MAX_MKI_LEN (libsrtp srtp.h)."""
 RTP_HEADER = struct.Struct("!BBHII")
@@ -184,6 +187,37 @@ class RtpWriter:
             raise pylibsrtp.Error(f"srtp_protect failed with libsrtp error {err}")
         data: bytes = buffer[0 : length[0]]
         return data
+
+    def write_into(
+        self,
+        staging: Staging,
+        index: int,
+        second: int,
+        seq: int,
+        timestamp: int,
+        ssrc: int,
+        payload: bytes,
+    ) -> None:
+        """`write` into slot `index` of a send path's staging area, protected in place
+        when the direct path is on (no copy at all), and set that slot's length."""
+        pointer = staging.pointers[index]
+        if self._protect is None or pointer is None:
+            staging.put(index, self.write(second, seq, timestamp, ssrc, payload))
+            return
+        size = len(payload) + 12
+        if size > self._limit:
+            raise ValueError(
+                f"RTP packet of {size} bytes is longer than {self._limit}: lower rtc.payload_size"
+            )
+        view = staging.views[index]
+        RTP_HEADER.pack_into(view, 0, 0x80, second, seq, timestamp, ssrc)
+        view[12:size] = payload
+        length = self._length
+        length[0] = size
+        err = self._protect(self._srtp, pointer, length)
+        if err:
+            raise pylibsrtp.Error(f"srtp_protect failed with libsrtp error {err}")
+        staging.lengths[index] = length[0]
 
 
 @functools.cache

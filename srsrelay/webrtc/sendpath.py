@@ -1,6 +1,10 @@
-"""The one send path: every UDP datagram the relay emits leaves through `SendPath.send`.
+"""The one send path: every UDP datagram the relay emits leaves through `SendPath`.
 
-`send` calls ``sendto`` on a non-blocking socket. When the kernel refuses a datagram
+`send` hands one datagram to the kernel; `send_staged` hands a batch of datagrams to
+one address that the caller built in place in the path's `Staging` slots (a video
+frame to one viewer), in one sendmmsg(2) call where libc has it. Both go through
+`SendPath._transmit`, the only function that calls into the kernel, on a
+non-blocking socket. When the kernel refuses a datagram
 (EAGAIN) the path becomes *blocked* and registers ``loop.add_writer``: until the socket
 is writable again, media and retransmissions are dropped without a syscall, while
 STUN, DTLS and RTCP wait in a small bounded priority queue that is sent first once the
@@ -25,8 +29,11 @@ import asyncio
 import collections
 import enum
 import errno
+import functools
+import importlib
 import socket
 import struct
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +51,12 @@ CONTROL_QUEUE = 256
 """Default bound of the control queue, datagrams (config: rtc.control_queue)."""
 MAX_ERRQUEUE_PER_DRAIN = 64
 """Error-queue messages read per `drain_errqueue` call; the rest wait for the next wakeup."""
+MAX_BATCH = 64
+"""Staging slots, so datagrams per `send_staged` call (and per sendmmsg(2) call)."""
+SLOT_SIZE = 2048
+"""Bytes of one staging slot: the largest datagram a sender can build in place."""
+SOCKADDR_CACHE = 1024
+"""Encoded destination addresses kept by a batching send path (emptied when full)."""
 
 # Linux values; Python 3.11 does not export them (uapi/linux/in.h, in6.h, socket.h).
 IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
@@ -57,6 +70,32 @@ _ASYNC_ERRNOS = frozenset(
 )
 """Errors that an ICMP message for an earlier datagram (to any peer) leaves pending on the
 socket: the next sendto reports it instead of sending. Drain the error queue and retry."""
+_WOULD_BLOCK_ERRNOS = frozenset(
+    {errno.EAGAIN, errno.EWOULDBLOCK, errno.EALREADY, errno.EINPROGRESS}
+)
+"""What Python raises BlockingIOError for."""
+
+# glibc/musl layouts on Linux (sys/socket.h, bits/uio.h); musl's int msg_iovlen and
+# socklen_t msg_controllen are padded to these sizes, low half first on little endian.
+_MMSG_CDEF = """
+struct iovec { void *iov_base; size_t iov_len; };
+struct msghdr {
+    void *msg_name; unsigned int msg_namelen;
+    struct iovec *msg_iov; size_t msg_iovlen;
+    void *msg_control; size_t msg_controllen;
+    int msg_flags;
+};
+struct mmsghdr { struct msghdr msg_hdr; unsigned int msg_len; };
+int sendmmsg(int sockfd, struct mmsghdr *msgvec, unsigned int vlen, int flags);
+"""
+_SOCKADDR_SIZE: dict[int, int] = {socket.AF_INET: 16, socket.AF_INET6: 28}
+"""sizeof(struct sockaddr_in) and sizeof(struct sockaddr_in6)."""
+_SA_FAMILY = struct.Struct("=H")
+_SA_IN = struct.Struct("!H4s")
+"""sockaddr_in after the family: port, address (network order)."""
+_SA_IN6 = struct.Struct("!HI16s")
+"""sockaddr_in6 after the family: port, flow info, address; the scope id follows."""
+_SA_SCOPE = struct.Struct("=I")
 
 
 class TrafficKind(enum.Enum):
@@ -95,8 +134,18 @@ class SendOutcome(enum.Enum):
 
 
 _SENT = SendOutcome.SENT
-_SENT_NO_ERROR = (_SENT, 0)
-"""What `_sendto` returns for a datagram the kernel took (one tuple for all of them)."""
+_ONE_SENT = (1, 0)
+"""What `_transmit` returns for a single datagram the kernel took (one tuple for all)."""
+
+
+def _outcome(err: int) -> SendOutcome:
+    """The outcome of a datagram the kernel refused with `err`."""
+    if err in _WOULD_BLOCK_ERRNOS:
+        return SendOutcome.DROPPED_WOULD_BLOCK
+    if err == errno.ENOBUFS:
+        return SendOutcome.DROPPED_NO_BUFFER
+    return SendOutcome.ERROR
+
 
 _DROP_WORDS = {
     SendOutcome.DROPPED_WOULD_BLOCK: "would block",
@@ -273,6 +322,153 @@ class _Queued:
     viewer has closed meanwhile)."""
 
 
+@dataclass(frozen=True, slots=True)
+class _CBinding:
+    """cffi (ABI mode: no compiler needed) and, where libc has it, sendmmsg(2)."""
+
+    ffi: Any
+    """A cffi FFI with `_MMSG_CDEF` declared."""
+    sendmmsg: Any
+    """libc's sendmmsg, or None (not Linux, or a libc without it)."""
+
+
+@functools.cache
+def _c_binding() -> _CBinding | None:
+    """The binding, loaded once; None without cffi."""
+    try:
+        cffi = importlib.import_module("cffi")  # no type stubs: Any
+    except ImportError:
+        return None
+    ffi = cffi.FFI()
+    ffi.cdef(_MMSG_CDEF)
+    sendmmsg = None
+    # `_Mmsg` writes iov_len as an unsigned long (what size_t is on Linux).
+    words = ffi.sizeof("struct iovec") == 2 * ffi.sizeof("unsigned long")
+    if sys.platform.startswith("linux") and words:
+        try:
+            sendmmsg = ffi.dlopen(None).sendmmsg
+        except (OSError, AttributeError):
+            pass
+    return _CBinding(ffi, sendmmsg)
+
+
+class Staging:
+    """`MAX_BATCH` slots of `SLOT_SIZE` bytes where a sender builds datagrams in place
+    (e.g. SRTP packets protected where they lie), then hands the first n of them to
+    `SendPath.send_staged`: nothing is copied between building and the kernel.
+
+    Slots live in C memory when cffi is available (`pointers` then address them, for C
+    functions that write in place), else in a bytearray (`pointers` are None). A slot's
+    content is valid until the next `send_staged` call: build and send without awaiting.
+    """
+
+    __slots__ = ("views", "pointers", "lengths", "_memory")
+
+    def __init__(self, ffi: Any | None) -> None:
+        size = MAX_BATCH * SLOT_SIZE
+        memory: Any
+        if ffi is None:
+            memory = bytearray(size)
+            base = memoryview(memory)
+            self.pointers: list[Any] = [None] * MAX_BATCH
+        else:
+            memory = ffi.new("char[]", size)
+            base = memoryview(ffi.buffer(memory))
+            self.pointers = [memory + i * SLOT_SIZE for i in range(MAX_BATCH)]
+        self._memory = memory  # the slots' storage: kept alive with the views
+        self.views: list[memoryview] = [
+            base[i * SLOT_SIZE : (i + 1) * SLOT_SIZE] for i in range(MAX_BATCH)
+        ]
+        """A writable view of each slot."""
+        self.lengths: list[int] = [0] * MAX_BATCH
+        """Length of the datagram in each slot, set by whoever builds it."""
+
+    def put(self, index: int, data: bytes) -> None:
+        """Copy `data` into slot `index`."""
+        size = len(data)
+        if size > SLOT_SIZE:
+            raise ValueError(f"datagram of {size} bytes does not fit a {SLOT_SIZE}-byte slot")
+        self.views[index][:size] = data
+        self.lengths[index] = size
+
+
+class _Mmsg:
+    """sendmmsg(2) over the slots of one `Staging`: one mmsghdr and one iovec per slot,
+    linked once; per call only the destination and the lengths are written."""
+
+    __slots__ = (
+        "_sendmmsg",
+        "_ffi",
+        "_iov",
+        "_iov_words",
+        "_msgs",
+        "_name",
+        "_name_view",
+        "_family",
+        "_names",
+    )
+
+    def __init__(self, binding: _CBinding, staging: Staging, family: int) -> None:
+        ffi = binding.ffi
+        self._ffi = ffi
+        self._sendmmsg = binding.sendmmsg
+        self._family = family
+        namelen = _SOCKADDR_SIZE[family]
+        self._name = ffi.new("char[]", namelen)
+        self._name_view = memoryview(ffi.buffer(self._name))
+        _SA_FAMILY.pack_into(self._name_view, 0, family)
+        self._iov = ffi.new("struct iovec[]", MAX_BATCH)
+        # The iovecs as words (iov_base, iov_len; `_c_binding` checked the sizes): a
+        # length is then one store, a fraction of a cffi struct field assignment.
+        self._iov_words = memoryview(ffi.buffer(self._iov)).cast("L")
+        self._msgs = ffi.new("struct mmsghdr[]", MAX_BATCH)
+        # Bounded by SOCKADDR_CACHE entries: `address` empties it when full.
+        self._names: dict[tuple[str, int], bytes] = {}
+        for i in range(MAX_BATCH):
+            self._iov[i].iov_base = staging.pointers[i]
+            hdr = self._msgs[i].msg_hdr
+            hdr.msg_name = self._name
+            hdr.msg_namelen = namelen
+            hdr.msg_iov = self._iov + i
+            hdr.msg_iovlen = 1
+
+    def address(self, addr: tuple[str, int]) -> bool:
+        """Make `addr` the destination of every message; False if it cannot be encoded
+        here (e.g. a scoped IPv6 address): send those with sendto, which resolves it."""
+        name = self._names.get(addr)
+        if name is None:
+            name = self._encode(addr)
+            if name is None:
+                return False
+            if len(self._names) >= SOCKADDR_CACHE:
+                self._names.clear()
+            self._names[addr] = name
+        self._name_view[2:] = name
+        return True
+
+    def _encode(self, addr: tuple[str, int]) -> bytes | None:
+        """The sockaddr of `addr` after its family field, or None."""
+        try:
+            if self._family == socket.AF_INET:
+                return _SA_IN.pack(addr[1], socket.inet_pton(self._family, addr[0])) + bytes(8)
+            flow, scope = (addr[2], addr[3]) if len(addr) >= 4 else (0, 0)
+            packed = socket.inet_pton(self._family, addr[0])
+            return _SA_IN6.pack(addr[1], flow, packed) + _SA_SCOPE.pack(scope)
+        except (OSError, ValueError, TypeError, IndexError, struct.error):
+            return None
+
+    def send(self, fd: int, start: int, count: int, lengths: list[int]) -> tuple[int, int]:
+        """One sendmmsg call for slots start..count-1: (datagrams sent, errno or 0)."""
+        words = self._iov_words
+        for i in range(start, count):
+            words[2 * i + 1] = lengths[i]
+        msgs = self._msgs + start if start else self._msgs
+        sent = self._sendmmsg(fd, msgs, count - start, 0)
+        if sent > 0:
+            return sent, 0
+        return 0, self._ffi.errno or errno.EIO
+
+
 CountersFor = Callable[[tuple[str, int]], SendCounters | None]
 """Finds the counters of the viewer at a remote address, for ICMP attribution."""
 
@@ -280,9 +476,9 @@ CountersFor = Callable[[tuple[str, int]], SendCounters | None]
 class SendPath:
     """Sends datagrams on one non-blocking UDP socket, counting every outcome.
 
-    Never raises to callers. `send` is the only caller of ``sendto``. Blocking needs a
-    running event loop (for ``add_writer``); without one a refused datagram is simply
-    dropped and the path never becomes blocked.
+    Never raises to callers. `_transmit` is the only caller of ``sendto`` and
+    ``sendmmsg``. Blocking needs a running event loop (for ``add_writer``); without one
+    a refused datagram is simply dropped and the path never becomes blocked.
     """
 
     def __init__(
@@ -292,11 +488,29 @@ class SendPath:
         *,
         control_queue: int = CONTROL_QUEUE,
         counters_for: CountersFor | None = None,
+        batch: bool = True,
     ) -> None:
+        """`batch`: send staged batches with one sendmmsg(2) call where libc has it;
+        False (or no sendmmsg) sends them one ``sendto`` per datagram."""
         sock.setblocking(False)
         self._sock = sock
         self._sock_sendto = sock.sendto
         self._fd = sock.fileno()
+        binding = _c_binding()
+        self.staging = Staging(binding.ffi if binding is not None else None)
+        """Where senders build the datagrams of a `send_staged` batch."""
+        self._mmsg: _Mmsg | None = None
+        if (
+            batch
+            and binding is not None
+            and binding.sendmmsg is not None
+            and sock.family in _SOCKADDR_SIZE
+            # A subclass that overrides `send` sees every datagram: no batches bypass it.
+            and type(self).send is SendPath.send
+        ):
+            self._mmsg = _Mmsg(binding, self.staging, sock.family)
+        self.send_calls = 0
+        """System calls that sent (or tried to send) datagrams: sendto and sendmmsg."""
         self.counters = counters if counters is not None else SendCounters("all", log_drops=False)
         """Counts over all viewers."""
         self.control_queue_limit = control_queue
@@ -356,6 +570,11 @@ class SendPath:
         """Control datagrams waiting in the queue."""
         return self._queued
 
+    @property
+    def batching(self) -> bool:
+        """`send_staged` sends a batch with one sendmmsg(2) call (else one sendto each)."""
+        return self._mmsg is not None
+
     def send(
         self,
         data: bytes,
@@ -365,8 +584,8 @@ class SendPath:
     ) -> SendOutcome:
         if self._closed or self._blocked:
             return self._send_held(data, addr, kind, counters)
-        outcome, err = self._sendto(data, addr)
-        if outcome is _SENT:
+        sent, err = self._transmit(addr, 1, data)
+        if sent:
             # counters.record(kind, SENT, size) and the same for the global counters,
             # inlined: this runs for every packet to every viewer.
             size = len(data)
@@ -380,9 +599,49 @@ class SendPath:
                 c.sent += 1
                 c.bytes_sent += size
             return _SENT
+        outcome = _outcome(err)
         if outcome is SendOutcome.DROPPED_WOULD_BLOCK and self._block() and kind in self._queues:
             return self._enqueue(_Queued(data, addr, kind, counters))
         return self._record(counters, kind, outcome, len(data), err)
+
+    def send_staged(
+        self,
+        count: int,
+        addr: tuple[str, int],
+        kind: TrafficKind,
+        counters: SendCounters,
+    ) -> int:
+        """Send the datagrams in `staging` slots 0..count-1 (lengths in `staging.lengths`)
+        to `addr`; returns how many the kernel took, always the first ones.
+
+        Each datagram is counted like one `send`: once the kernel refuses one, it and the
+        rest of the batch get the outcome of that refusal (EAGAIN: DROPPED_WOULD_BLOCK and
+        the path blocks; control kinds are copied into the control queue instead).
+        """
+        if not 0 < count <= MAX_BATCH:
+            raise ValueError(f"a staged batch holds 1 to {MAX_BATCH} datagrams, not {count}")
+        if self._closed:
+            self._refuse_staged(0, count, addr, kind, counters, SendOutcome.DROPPED_CLOSED, 0)
+            return 0
+        if self._blocked:
+            self._refuse_staged(0, count, addr, kind, counters, SendOutcome.DROPPED_WOULD_BLOCK, 0)
+            return 0
+        sent, err = self._transmit(addr, count)
+        if sent:
+            # As in `send`, inlined: counted once per batch.
+            size = sum(self.staging.lengths[:sent])
+            c = counters.kinds[kind]
+            c.attempted += sent
+            c.sent += sent
+            c.bytes_sent += size
+            if counters is not self.counters:
+                c = self.counters.kinds[kind]
+                c.attempted += sent
+                c.sent += sent
+                c.bytes_sent += size
+        if sent < count:
+            self._refuse_staged(sent, count, addr, kind, counters, _outcome(err), err)
+        return sent
 
     def close(self) -> None:
         """Stop sending: drop (and count) what is queued, remove the writer. Idempotent.
@@ -440,6 +699,8 @@ class SendPath:
             "control_queue_limit": self.control_queue_limit,
             "control_queue_dropped": {k.value: n for k, n in self.queue_dropped.items()},
             "errqueue_drained": self.errqueue_drained,
+            "batching": self.batching,
+            "send_calls": self.send_calls,
             "icmp_errors": _errno_names(self.icmp_by_errno),
             "icmp_unattributed": self.icmp_unattributed,
         }
@@ -457,24 +718,90 @@ class SendPath:
             return self._enqueue(_Queued(data, addr, kind, counters))
         return self._record(counters, kind, SendOutcome.DROPPED_WOULD_BLOCK, size)
 
-    def _sendto(
-        self, data: bytes, addr: tuple[str, int], retry: bool = True
-    ) -> tuple[SendOutcome, int]:
-        """The one call of ``sendto``."""
-        try:
-            self._sock_sendto(data, addr)
-            return _SENT_NO_ERROR
-        except BlockingIOError:
-            return SendOutcome.DROPPED_WOULD_BLOCK, 0
-        except OSError as exc:
-            err = exc.errno or 0
-        if err == errno.ENOBUFS:
-            return SendOutcome.DROPPED_NO_BUFFER, err
-        if retry and self._recverr and err in _ASYNC_ERRNOS:
-            # The error belongs to an earlier datagram; this one was not sent.
-            self.drain_errqueue()
-            return self._sendto(data, addr, retry=False)
-        return SendOutcome.ERROR, err
+    def _refuse_staged(
+        self,
+        start: int,
+        count: int,
+        addr: tuple[str, int],
+        kind: TrafficKind,
+        counters: SendCounters,
+        outcome: SendOutcome,
+        err: int,
+    ) -> None:
+        """Count staged datagrams start..count-1 as `outcome`, or queue copies of them
+        (control kinds, when the socket is full and the path blocks)."""
+        staging = self.staging
+        # A full socket blocks the path (whatever the kind); control datagrams then wait.
+        queue = (
+            outcome is SendOutcome.DROPPED_WOULD_BLOCK
+            and not self._closed
+            and self._block()
+            and kind in self._queues
+        )
+        for i in range(start, count):
+            size = staging.lengths[i]
+            if queue:
+                data = bytes(staging.views[i][:size])
+                self._enqueue(_Queued(data, addr, kind, counters))
+            else:
+                self._record(counters, kind, outcome, size, err)
+
+    def _transmit(
+        self, addr: tuple[str, int], count: int, data: bytes | None = None
+    ) -> tuple[int, int]:
+        """The one function that hands datagrams to the kernel: `data` alone, or else
+        staging slots 0..count-1, in order. Returns how many the kernel took and the
+        errno that refused the next one (0 when all were taken).
+
+        A batch goes out in one sendmmsg call; it returns early when a datagram fails and
+        loses that error (sendmmsg(2)), so the rest is sent again from there to learn it.
+        With IP_RECVERR an error of an earlier datagram may be pending on the socket and
+        refuse this one: drain the error queue and try that datagram once more.
+        """
+        if data is not None:  # one datagram, the common case for everything but media
+            self.send_calls += 1
+            try:
+                self._sock_sendto(data, addr)
+                return _ONE_SENT
+            except OSError as exc:
+                err = exc.errno or 0
+            if self._recverr and err in _ASYNC_ERRNOS:
+                self.drain_errqueue()
+                self.send_calls += 1
+                try:
+                    self._sock_sendto(data, addr)
+                    return _ONE_SENT
+                except OSError as exc:
+                    err = exc.errno or 0
+            return 0, err
+        staging = self.staging
+        mmsg = self._mmsg
+        batch = mmsg is not None and count > 1 and mmsg.address(addr)
+        sent = 0
+        retried = False  # per datagram: a success resets it
+        while sent < count:
+            self.send_calls += 1
+            if batch:
+                assert mmsg is not None
+                n, err = mmsg.send(self._fd, sent, count, staging.lengths)
+            else:
+                try:
+                    self._sock_sendto(staging.views[sent][: staging.lengths[sent]], addr)
+                    n, err = 1, 0
+                except OSError as exc:
+                    n, err = 0, exc.errno or 0
+            if n:
+                sent += n
+                retried = False
+                continue
+            if err == errno.EINTR:
+                continue
+            if not retried and self._recverr and err in _ASYNC_ERRNOS:
+                retried = True
+                self.drain_errqueue()
+                continue
+            return sent, err
+        return count, 0
 
     def _record(
         self,
@@ -543,7 +870,8 @@ class SendPath:
             q = self._queues[kind]
             while q:
                 item = q[0]
-                outcome, err = self._sendto(item.data, item.addr)
+                sent, err = self._transmit(item.addr, 1, item.data)
+                outcome = _SENT if sent else _outcome(err)
                 if outcome is SendOutcome.DROPPED_WOULD_BLOCK:
                     return  # still full: stay blocked, keep the writer
                 q.popleft()

@@ -49,7 +49,7 @@ from srsrelay.webrtc.rtcp import (
     parse_rtcp,
 )
 from srsrelay.webrtc.sdp import AnswerParams, Offer, build_answer
-from srsrelay.webrtc.sendpath import SendCounters, SendOutcome, SendPath, TrafficKind
+from srsrelay.webrtc.sendpath import MAX_BATCH, SendCounters, SendOutcome, SendPath, TrafficKind
 
 log = structlog.get_logger(__name__)
 
@@ -555,18 +555,20 @@ class ViewerSession:
         return wire + int((now - at) * VIDEO_CLOCK_RATE)
 
     def _send_frame(self, track: TrackSender, frame: RtpFrame) -> bool:
-        """Send every packet of `frame`; False (and the rest unsent) once one is not SENT.
+        """Send every packet of `frame`; False once one is not SENT (and the rest unsent).
 
         Runs for every packet to every viewer: per packet only the header fields change,
-        the packet is built and protected in one buffer (dtls.RtpWriter), and the
-        per-track totals, retransmit credit and congestion input are added once per frame.
+        the packet is built and protected in place (dtls.RtpWriter), and the per-track
+        totals, retransmit credit and congestion input are added once per frame. Where
+        the send path batches, the packets are built in its staging slots and leave in
+        one system call per frame (per MAX_BATCH packets); a refused packet then takes
+        the rest of its batch with it (counted as the send path reports them).
         """
         addr = self.ice.remote_addr
         if addr is None:
             self._sent_at = self._clock()
             return False
-        write = self._dtls.rtp_writer.write
-        send = self._send_path.send
+        path = self._send_path
         counters = self.counters
         payload_type = track.payload_type
         marked = 0x80 | payload_type
@@ -575,29 +577,55 @@ class ViewerSession:
         payloads = frame.payloads
         last = frame.marker_index
         first_seq = seq = track.seq
-        packets = octets = unsent = 0
+        packets = octets = 0  # built, so numbered and handed to the send path
         complete = True
         try:
-            for payload in payloads:
-                size = len(payload)
-                second = marked if packets == last else payload_type
-                data = write(second, seq, timestamp, ssrc, payload)
-                seq = (seq + 1) & 0xFFFF
-                packets += 1
-                octets += size
-                if send(data, addr, _MEDIA, counters) is not _SENT:
-                    complete = False
-                    unsent = size
-                    break
+            if path.batching and len(payloads) > 1:  # one packet (audio): plain `send`
+                staging = path.staging
+                write_into = self._dtls.rtp_writer.write_into
+                send_staged = path.send_staged
+                for start in range(0, len(payloads), MAX_BATCH):
+                    chunk = payloads[start : start + MAX_BATCH]
+                    chunk_octets = octets
+                    index = 0
+                    for payload in chunk:
+                        second = marked if packets == last else payload_type
+                        write_into(staging, index, second, seq, timestamp, ssrc, payload)
+                        seq = (seq + 1) & 0xFFFF
+                        packets += 1
+                        octets += len(payload)
+                        index += 1
+                    sent = send_staged(index, addr, _MEDIA, counters)
+                    if sent < index:
+                        complete = False
+                        sent_packets = packets - index + sent
+                        sent_octets = chunk_octets + sum(map(len, chunk[:sent]))
+                        break
+            else:
+                write = self._dtls.rtp_writer.write
+                send = path.send
+                for payload in payloads:
+                    size = len(payload)
+                    second = marked if packets == last else payload_type
+                    data = write(second, seq, timestamp, ssrc, payload)
+                    seq = (seq + 1) & 0xFFFF
+                    packets += 1
+                    octets += size
+                    if send(data, addr, _MEDIA, counters) is not _SENT:
+                        complete = False
+                        sent_packets = packets - 1
+                        sent_octets = octets - size
+                        break
         finally:
             # Every packet handed to the send path is in the history, sent or not.
             track.history.put_frame(first_seq, payloads, packets, timestamp, last)
             track.seq = seq
             track.packets += packets
             track.octets += octets
-        # Retransmit credit: what was sent, headers included (no credit for the refused one).
-        sent = packets if complete else packets - 1
-        self.nack.on_media_sent(octets - unsent + RTP_HEADER_SIZE * sent)
+        if complete:
+            sent_packets, sent_octets = packets, octets
+        # Retransmit credit: what was sent, headers included (none for refused packets).
+        self.nack.on_media_sent(sent_octets + RTP_HEADER_SIZE * sent_packets)
         self._sent_at = now = self._clock()
         self.congestion.on_media_sent(packets, now)
         if complete and not self._catching_up:
