@@ -13,13 +13,20 @@ import pytest
 from aioice import stun
 from aiortc import RTCCertificate, RTCDtlsTransport
 from aiortc.rtcdtlstransport import State
+from OpenSSL import SSL
 
-from srsrelay.webrtc.dtls import DtlsSrtp, IceStandIn, generate_certificate
+from srsrelay.webrtc.dtls import (
+    DtlsSrtp,
+    IceStandIn,
+    SharedContextCertificate,
+    generate_certificate,
+)
 
 
 def test_pinned_versions() -> None:
     assert aiortc.__version__ == "1.16.0"
     assert aioice.__version__ == "0.13.0"
+    assert pylibsrtp.__version__ == "1.0.0"
 
 
 def test_dtls_transport_members() -> None:
@@ -142,3 +149,19 @@ async def test_stand_in_queue_is_bounded_and_close_raises() -> None:
         await waiter
     with pytest.raises(ConnectionError):
         await stand_in._send(b"x")
+
+
+def test_shared_ssl_context_hook() -> None:
+    # SharedContextCertificate overrides this private method; aiortc must still call it
+    # once per DTLS connection with the SRTP profiles.
+    params = list(inspect.signature(RTCCertificate._create_ssl_context).parameters)
+    assert params == ["self", "srtp_profiles"]
+    assert "_create_ssl_context(" in inspect.getsource(RTCDtlsTransport.start)
+    cert = generate_certificate()
+    assert isinstance(cert, SharedContextCertificate)
+    dtls = RTCDtlsTransport(IceStandIn(lambda d: None), [cert])  # type: ignore[arg-type]
+    profiles = dtls._srtp_profiles
+    first = cert._create_ssl_context(srtp_profiles=profiles)
+    assert cert._create_ssl_context(srtp_profiles=profiles) is first
+    # No session cache on the shared context: memory stays bounded.
+    assert first.get_session_cache_mode() == SSL.SESS_CACHE_OFF

@@ -38,6 +38,7 @@ from typing import Any, cast
 import pylibsrtp
 from aiortc import RTCCertificate, RTCDtlsFingerprint, RTCDtlsParameters, RTCDtlsTransport
 from aiortc.rtcdtlstransport import State as _DtlsState
+from OpenSSL import SSL
 
 from srsrelay.webrtc.sendpath import SLOT_SIZE, Staging
 
@@ -52,9 +53,42 @@ RTP_HEADER = struct.Struct("!BBHII")
 """The 12-byte fixed RTP header (RFC 3550 section 5.1): V=2, no padding/extension/CSRC."""
 
 
+SSL_CONTEXTS = 4
+"""Shared SSL contexts kept per certificate (one per set of SRTP profiles offered)."""
+
+
+class SharedContextCertificate(RTCCertificate):
+    """An RTCCertificate whose SSL context is built once and shared by every viewer's
+    DTLS connection, instead of one context (about 23 KB) per viewer.
+
+    A shared server context would cache every completed session (up to about 20,000 by
+    default): the cache is off, as is needed for bounded memory. OpenSSL also releases a
+    connection's idle read and write buffers after the handshake (MODE_RELEASE_BUFFERS),
+    saving about 13 KB per viewer. Overrides aiortc's private `_create_ssl_context`
+    (tests/test_contract_aiortc.py checks it is still there).
+    """
+
+    def __init__(self, key: Any, cert: Any) -> None:
+        super().__init__(key=key, cert=cert)
+        self._contexts: dict[tuple[bytes, ...], SSL.Context] = {}
+
+    def _create_ssl_context(self, srtp_profiles: list[Any]) -> SSL.Context:
+        key = tuple(p.openssl_profile for p in srtp_profiles)
+        ctx = self._contexts.get(key)
+        if ctx is None:
+            ctx = super()._create_ssl_context(srtp_profiles)
+            ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+            ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+            if len(self._contexts) >= SSL_CONTEXTS:
+                self._contexts.clear()
+            self._contexts[key] = ctx
+        return ctx
+
+
 def generate_certificate() -> RTCCertificate:
-    """The server's one DTLS certificate (ECDSA P-256, self-signed)."""
-    return RTCCertificate.generateCertificate()
+    """The server's one DTLS certificate (ECDSA P-256, self-signed), sharing one SSL
+    context across viewers."""
+    return SharedContextCertificate.generateCertificate()
 
 
 def sha256_fingerprint(certificate: RTCCertificate) -> str:
