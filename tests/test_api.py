@@ -456,6 +456,8 @@ async def test_api_and_metrics_agree_with_what_runs(
             assert c["publish"] is False and c["state"] == "connected"
             assert c["ip"] == "127.0.0.1"
             assert c["send_bytes"] > 10_000 and c["kbps"]["send_30s"] > 0
+            # What the viewer sent back: ICE checks, the DTLS handshake, receiver reports.
+            assert c["recv_bytes"] > 1000 and c["kbps"]["recv_30s"] > 0
             media = c["send"]["kinds"]["media"]
             assert media["sent"] > 0 and media["attempted"] == media["sent"] + media["queued"] + (
                 media["dropped_would_block"]

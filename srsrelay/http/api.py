@@ -581,9 +581,10 @@ def viewer_json(session: ViewerSession, now: float, rates: RateBook | None) -> d
         "publish": False,
         "alive": round(alive, 1),
         "send_bytes": send_bytes,
-        "recv_bytes": 0,
+        "recv_bytes": session.bytes_received,
         "kbps": {
-            "recv_30s": 0.0,
+            # Only what the viewer sends back (STUN, DTLS, RTCP): an average since it came.
+            "recv_30s": _kbps(_average(session.bytes_received, alive)),
             "send_30s": _kbps(send_30s if send_30s is not None else fallback),
         },
         "state": stats["state"],

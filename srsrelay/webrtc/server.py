@@ -310,6 +310,7 @@ class RtcServer:
             self.received[RecvCount.UNKNOWN_ADDRESS] += 1
             return
         self.received[kind] += 1
+        session.bytes_received += len(data)
         if kind is RecvCount.DTLS:
             session.handle_dtls(data)
         elif kind is RecvCount.RTCP:
@@ -324,6 +325,7 @@ class RtcServer:
         session = self._by_ufrag.get(answered.session.ufrag)
         if session is None:
             return
+        session.bytes_received += len(data)
         if answered.address_changed:
             prev = answered.previous_addr
             if prev is not None and self._by_addr.get(prev) is session:

@@ -289,6 +289,8 @@ class ViewerSession:
         self._wallclock = wallclock
         self.ice = IceSession(remote_ufrag=offer.ice_ufrag)
         self.counters = SendCounters(self.id, clock=clock)
+        self.bytes_received = 0
+        """Bytes of the STUN, DTLS, RTCP (and stray RTP) datagrams this viewer sent us."""
         self.rtcp = RtcpCounters()
         self.receiver_reports: dict[MediaKind, ReceiverReport] = {}
         """Last report block per track (at most one per track)."""
