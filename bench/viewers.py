@@ -57,6 +57,7 @@ from tests.conftest import (  # noqa: E402
     RelayProcess,
     ffmpeg_publish_args,
     free_port,
+    start_relay,
     wait_live,
 )
 
@@ -463,48 +464,11 @@ def video_args(kbit: int) -> list[str]:
 
 def start_bench_relay(tmp: Path, max_viewers: int) -> RelayProcess:
     """The relay on loopback, with the per-IP WHEP rate limit off (all viewers share an IP)."""
-    rtmp, http, rtc = free_port(), free_port(), free_port(socket.SOCK_DGRAM)
-    config = tmp / "relay.toml"
-    config.write_text(
-        f"""
-[log]
-format = "json"
-level = "info"
-
-[rtmp]
-listen = "127.0.0.1"
-port = {rtmp}
-
-[http]
-listen = "127.0.0.1"
-port = {http}
-whep_rate_limit = 0
-
-[rtc]
-listen = "127.0.0.1"
-port = {rtc}
-candidates = ["127.0.0.1"]
-max_viewers = {max(max_viewers, 1)}
-"""
+    return start_relay(
+        tmp,
+        f"max_viewers = {max(max_viewers, 1)}",
+        env={"SRSRELAY_HTTP_WHEP_RATE_LIMIT": "0"},
     )
-    log_path = tmp / "relay.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "srsrelay", "-c", str(config)],
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    relay = RelayProcess(proc, rtmp, http, rtc, log_path, config)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"relay exited {proc.returncode}: {log_path.read_text()[-2000:]}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", http), 0.2):
-            return relay
-        time.sleep(0.1)
-    _stop_relay(relay)
-    raise RuntimeError(f"relay did not start: {log_path.read_text()[-2000:]}")
 
 
 @contextlib.asynccontextmanager

@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,7 +66,11 @@ class RelayProcess:
         return self.proc.returncode
 
 
-def start_relay(tmp_path: Path, extra: str = "") -> RelayProcess:
+def start_relay(
+    tmp_path: Path, extra: str = "", env: Mapping[str, str] | None = None
+) -> RelayProcess:
+    """The relay on loopback with free ports; `extra` is TOML appended to [rtc] (or new
+    sections), `env` adds SRSRELAY_* overrides for keys in sections written here."""
     rtmp, http, rtc = free_port(), free_port(), free_port(socket.SOCK_DGRAM)
     config = tmp_path / "relay.toml"
     config.write_text(
@@ -97,6 +101,7 @@ candidates = ["127.0.0.1"]
         cwd=ROOT,
         stdout=log,
         stderr=subprocess.STDOUT,
+        env={**os.environ, **env} if env else None,
     )
     relay = RelayProcess(proc, rtmp, http, rtc, log_path, config)
     deadline = time.monotonic() + 20
