@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from srsrelay.hub.nal import pack as pack_nal_units
+
 NAL_SLICE = 1
 NAL_IDR = 5
 NAL_SEI = 6
@@ -77,33 +79,14 @@ def packetize(nalus: Sequence[bytes], max_payload: int) -> list[bytes]:
     """
     if max_payload < MIN_PAYLOAD_SIZE:
         raise ValueError(f"max_payload must be at least {MIN_PAYLOAD_SIZE}, not {max_payload}")
-    payloads: list[bytes] = []
-    group: list[bytes] = []
-    group_size = STAP_A_HEADER_SIZE
-
-    def flush() -> None:
-        nonlocal group_size
-        if len(group) == 1:
-            payloads.append(group[0])
-        elif group:
-            payloads.append(_stap_a(group))
-        group.clear()
-        group_size = STAP_A_HEADER_SIZE
-
-    for nalu in nalus:
-        if not nalu or nal_type(nalu) in _DROPPED_TYPES:
-            continue
-        if len(nalu) > max_payload:
-            flush()
-            payloads.extend(_fu_a(nalu, max_payload))
-            continue
-        entry = STAP_A_LENGTH_SIZE + len(nalu)
-        if group and group_size + entry > max_payload:
-            flush()
-        group.append(nalu)
-        group_size += entry
-    flush()
-    return payloads
+    return pack_nal_units(
+        [n for n in nalus if n and nal_type(n) not in _DROPPED_TYPES],
+        max_payload,
+        header_size=STAP_A_HEADER_SIZE,
+        length_size=STAP_A_LENGTH_SIZE,
+        aggregate=_stap_a,
+        fragment=_fu_a,
+    )
 
 
 def _stap_a(nalus: Sequence[bytes]) -> bytes:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from srsrelay.hub.nal import pack as pack_nal_units
 from srsrelay.rtmp.flv import FlvError
 
 NAL_IRAP_FIRST = 16
@@ -173,33 +174,14 @@ def packetize(nalus: Sequence[bytes], payload_size: int) -> list[bytes]:
     """
     if payload_size < MIN_PAYLOAD_SIZE:
         raise ValueError(f"payload_size must be at least {MIN_PAYLOAD_SIZE}, not {payload_size}")
-    payloads: list[bytes] = []
-    group: list[bytes] = []
-    group_size = NAL_HEADER_SIZE
-
-    def flush() -> None:
-        nonlocal group_size
-        if len(group) == 1:
-            payloads.append(group[0])
-        elif group:
-            payloads.append(_aggregate(group))
-        group.clear()
-        group_size = NAL_HEADER_SIZE
-
-    for nal in nalus:
-        if len(nal) < NAL_HEADER_SIZE or nal_type(nal) in _DROPPED_TYPES:
-            continue
-        if len(nal) > payload_size:
-            flush()
-            payloads.extend(_fragment(nal, payload_size))
-            continue
-        entry = AP_LENGTH_SIZE + len(nal)
-        if group and group_size + entry > payload_size:
-            flush()
-        group.append(nal)
-        group_size += entry
-    flush()
-    return payloads
+    return pack_nal_units(
+        [n for n in nalus if len(n) >= NAL_HEADER_SIZE and nal_type(n) not in _DROPPED_TYPES],
+        payload_size,
+        header_size=NAL_HEADER_SIZE,
+        length_size=AP_LENGTH_SIZE,
+        aggregate=_aggregate,
+        fragment=_fragment,
+    )
 
 
 def _aggregate(nalus: Sequence[bytes]) -> bytes:
