@@ -60,6 +60,11 @@ sys.path.insert(0, os.environ.get("HOTPATH_SRC") or str(ROOT))
 from srsrelay.config import RtcConfig  # noqa: E402
 from srsrelay.hub.frames import MediaKind, RtpFrame  # noqa: E402
 from srsrelay.webrtc.dtls import DtlsSrtp, generate_certificate  # noqa: E402
+
+try:
+    from srsrelay.hub.timeline import ArrivalAnchor
+except ImportError:  # an older revision (--compare): its viewers keep their own anchor
+    ArrivalAnchor = None  # type: ignore[assignment,misc]
 from srsrelay.webrtc.latency import LatencyHistogram  # noqa: E402
 from srsrelay.webrtc.sdp import parse_offer  # noqa: E402
 from srsrelay.webrtc.sendpath import SendPath, TrafficKind  # noqa: E402
@@ -114,6 +119,7 @@ class BenchStream:
 
     def __init__(self) -> None:
         self.readers: list[FrameReader] = []
+        self.arrival: Any = ArrivalAnchor() if ArrivalAnchor is not None else None
 
     @property
     def gop(self) -> GopView:
@@ -227,9 +233,15 @@ async def _connect(rig: Rig, count: int, config: RtcConfig) -> None:
         raise RuntimeError(f"{len(bad)} viewers did not connect")
 
 
-def _fan_out_second(readers: list[ViewerSession], frames: list[RtpFrame]) -> None:
+def _fan_out_second(
+    stream: BenchStream, readers: list[ViewerSession], frames: list[RtpFrame]
+) -> None:
     # What the hub's Stream._fan_out does for each frame.
+    arrival = stream.arrival
     for frame in frames:
+        if arrival is not None:
+            rate = 90_000 if frame.kind is MediaKind.VIDEO else 48_000
+            arrival.update(frame.received_at, frame.timestamp / rate)
         for reader in readers:
             reader.on_frame(frame)
 
@@ -293,7 +305,7 @@ async def run(
                 cpu = wall = 0.0
                 for second in frames:
                     c0, w0 = time.process_time(), time.perf_counter()
-                    _fan_out_second(readers, second)
+                    _fan_out_second(rig.stream, readers, second)
                     cpu += time.process_time() - c0
                     wall += time.perf_counter() - w0
                     await asyncio.sleep(0)  # timers between stream-seconds (not timed)

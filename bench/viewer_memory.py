@@ -157,7 +157,7 @@ async def _keep_consent(rig: hotpath.Rig) -> None:
 async def _feed(rig: hotpath.Rig, seconds: int, bitrate: int, payload: int) -> None:
     for second in hotpath.make_frames(bitrate, seconds, payload):
         _consent(rig)
-        hotpath._fan_out_second(list(rig.sessions), second)
+        hotpath._fan_out_second(rig.stream, list(rig.sessions), second)
         await asyncio.sleep(0)
     await asyncio.sleep(SETTLE_SECONDS)
     closed = [s.close_reason for s in rig.sessions if s.state is not SessionState.CONNECTED]

@@ -28,6 +28,7 @@ from aiortc.mediastreams import MediaStreamTrack
 from srsrelay.config import RtcConfig
 from srsrelay.hub import h264
 from srsrelay.hub.frames import MediaKind, RtpFrame
+from srsrelay.hub.timeline import ArrivalAnchor
 from srsrelay.webrtc.sdp import OfferError
 from srsrelay.webrtc.sendpath import TrafficKind
 from srsrelay.webrtc.server import RecvCount, RtcServer
@@ -95,6 +96,7 @@ class FakeStream:
         self.video_codec = "H264"
         self.video_fmtp = ""
         self.rendition: FakeStream | None = None
+        self.arrival = ArrivalAnchor()
         self.gop = FakeGop()
         self.readers: list[FrameReader] = []
 
@@ -105,6 +107,9 @@ class FakeStream:
         self.readers.remove(reader)
 
     def push(self, frame: RtpFrame) -> None:
+        # As the hub's fan-out does.
+        rate = 90_000 if frame.kind is MediaKind.VIDEO else 48_000
+        self.arrival.update(frame.received_at, frame.timestamp / rate)
         if frame.kind is MediaKind.VIDEO:
             if frame.keyframe:
                 self.gop = FakeGop(self.gop.generation + 1, [frame])

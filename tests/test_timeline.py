@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from srsrelay.hub.timeline import JUMP_BACKWARD_MS, JUMP_FORWARD_MS, Mapped, Timeline, Track
+import pytest
+
+from srsrelay.hub.timeline import (
+    ANCHOR_LEAK,
+    JUMP_BACKWARD_MS,
+    JUMP_FORWARD_MS,
+    ArrivalAnchor,
+    Mapped,
+    Timeline,
+    Track,
+)
 
 V, A = Track.VIDEO, Track.AUDIO
 
@@ -62,3 +72,15 @@ def test_new_publisher_continues_after_the_wall_clock_gap() -> None:
     assert clock.map(A, 0, 3.9).ms == first
     assert clock.map(V, 33, 3.933).ms == first + 33
     assert clock.end_ms(4.0) == first + 33 + 67
+
+
+def test_arrival_anchor_keeps_the_earliest_arrival_and_leaks_up() -> None:
+    anchor = ArrivalAnchor()
+    assert anchor.at(5.0) is None
+    # Stream time 0 at 100.0, then 1.0 s of stream arriving 40 ms late (jitter).
+    assert anchor.update(100.0, 0.0) == 100.0
+    assert anchor.update(101.04, 1.0) == pytest.approx(100.0 + 1.04 * ANCHOR_LEAK)
+    # An earlier arrival (relative to stream time) moves it down at once.
+    assert anchor.update(101.5, 1.51) == pytest.approx(99.99)
+    # Without earlier arrivals it rises by ANCHOR_LEAK seconds per second.
+    assert anchor.at(111.5) == pytest.approx(99.99 + 10 * ANCHOR_LEAK)

@@ -22,7 +22,7 @@ from srsrelay.config import AudioConfig, HubConfig, VideoConfig
 from srsrelay.hub import av1, h264, hevc, transcode
 from srsrelay.hub.frames import AUDIO_CLOCK_RATE, VIDEO_CLOCK_RATE, MediaKind, RtpFrame
 from srsrelay.hub.opus import AacToOpus
-from srsrelay.hub.timeline import Timeline, Track
+from srsrelay.hub.timeline import ArrivalAnchor, Timeline, Track
 from srsrelay.rtmp import flv
 
 log = structlog.get_logger(__name__)
@@ -45,9 +45,6 @@ SDP_CODECS = {"AVC": "H264", "HEVC": "H265", "AV1": "AV1"}
 
 AUDIO_PACE_QUEUE = 50
 """Most Opus packets (1 s) held by the audio pacer; beyond it they are sent at once."""
-AUDIO_ANCHOR_LEAK = 0.001
-"""Seconds per second the pacer's arrival anchor rises when nothing arrives as early
-(follows a publisher clock slower than ours)."""
 
 MAX_CONSECUTIVE_ERRORS = 50
 """Malformed tags in a row after which the publish is rejected (about 1-2 s of media)."""
@@ -231,12 +228,15 @@ class Stream:
         self._reader_error_log = _Throttle(ERROR_LOG_INTERVAL)
         self._raw_before_config_logged = False
         self._consecutive_errors = 0
+        # Opus packets held by the pacer with the monotonic time they are due: bounded by
+        # AUDIO_PACE_QUEUE (`_pace_audio` sends at once instead of holding more).
         self._audio_queue: collections.deque[tuple[float, RtpFrame]] = collections.deque()
-        """Opus packets held by the pacer with the monotonic time they are due; at most
-        AUDIO_PACE_QUEUE."""
         self._audio_timer: asyncio.TimerHandle | None = None
-        self._audio_anchor: float | None = None
-        self._audio_anchor_at = 0.0
+        self._audio_arrival = ArrivalAnchor()
+        """When audio arrives, for the pacer (audio alone: it may trail video)."""
+        self.arrival = ArrivalAnchor()
+        """When frames of either track arrive: the one mapping of stream time to our
+        clock that viewers' Sender Reports use for both tracks."""
 
     # -- publisher side -------------------------------------------------------------
 
@@ -769,15 +769,8 @@ class Stream:
         """Send audio at its own timestamps: `audio.pacing` seconds after the earliest
         arrival (relative to the stream clock) seen, in order, never later than that."""
         delay = self._audio_config.pacing
-        at = frame.received_at
-        lag = at - frame.timestamp / AUDIO_CLOCK_RATE
-        anchor = self._audio_anchor
-        if anchor is not None:
-            anchor += (at - self._audio_anchor_at) * AUDIO_ANCHOR_LEAK
-        if anchor is None or lag < anchor:
-            anchor = lag
-            self._audio_anchor, self._audio_anchor_at = lag, at
-        due = anchor + frame.timestamp / AUDIO_CLOCK_RATE + delay
+        seconds = frame.timestamp / AUDIO_CLOCK_RATE
+        due = self._audio_arrival.update(frame.received_at, seconds) + seconds + delay
         queue = self._audio_queue
         if delay > 0 and len(queue) < AUDIO_PACE_QUEUE:
             try:
@@ -837,6 +830,8 @@ class Stream:
         raise PublishRejected(f"stream {self.key}: {reason}")
 
     def _fan_out(self, frame: RtpFrame) -> None:
+        rate = VIDEO_CLOCK_RATE if frame.kind is MediaKind.VIDEO else AUDIO_CLOCK_RATE
+        self.arrival.update(frame.received_at, frame.timestamp / rate)
         # A copy: a reader may remove itself (or others) from inside on_frame.
         for reader in tuple(self.readers):
             try:

@@ -95,3 +95,35 @@ class Timeline:
             clamped = True
         self._tracks[track] = _TrackState(ms, now)
         return Mapped(ms, jumped, clamped)
+
+
+ANCHOR_LEAK = 0.001
+"""Seconds per second an ArrivalAnchor rises when nothing arrives as early as the
+earliest so far (1 ms/s: far more than encoder clock drift)."""
+
+
+class ArrivalAnchor:
+    """Where stream time sits on our clock: the earliest arrival seen, as arrival minus
+    stream time (seconds). Later arrivals are jitter (publishers send in bursts), not a
+    different clock; a slow leak upwards follows a publisher clock slower than ours."""
+
+    __slots__ = ("_value", "_at")
+
+    def __init__(self) -> None:
+        self._value: float | None = None
+        self._at = 0.0
+
+    def at(self, now: float) -> float | None:
+        """The anchor at `now` (monotonic seconds); None before the first update."""
+        if self._value is None:
+            return None
+        return self._value + (now - self._at) * ANCHOR_LEAK
+
+    def update(self, arrived: float, stream_seconds: float) -> float:
+        """A frame of stream time `stream_seconds` arrived at `arrived`; returns the anchor."""
+        lag = arrived - stream_seconds
+        anchor = self.at(arrived)
+        if anchor is None or lag <= anchor:
+            self._value, self._at = lag, arrived
+            return lag
+        return anchor

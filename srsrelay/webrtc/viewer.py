@@ -26,6 +26,7 @@ from aiortc import RTCCertificate
 
 from srsrelay.config import RtcConfig
 from srsrelay.hub.frames import AUDIO_CLOCK_RATE, VIDEO_CLOCK_RATE, MediaKind, RtpFrame
+from srsrelay.hub.timeline import ArrivalAnchor
 from srsrelay.webrtc.congestion import CongestionMonitor, CongestionState
 from srsrelay.webrtc.dtls import RTP_HEADER, DtlsSrtp, sha256_fingerprint
 from srsrelay.webrtc.ice import IceSession
@@ -56,12 +57,9 @@ log = structlog.get_logger(__name__)
 HOUSEKEEPING_INTERVAL = 0.25
 """Seconds between checks of the DTLS/consent timeouts and Sender Report timing."""
 SR_INTERVAL = 1.0
+"""Seconds between two RTCP Sender Reports of a track (RFC 3550 section 6.2)."""
 SR_STARTUP = 2.0
 """Seconds after DTLS completes during which SRs go out every HOUSEKEEPING_INTERVAL."""
-ANCHOR_LEAK = 0.001
-"""Seconds per second the Sender Reports' stream-time anchor drifts up when no frame
-arrives as early as the earliest so far (1 ms/s: far more than encoder clock drift)."""
-"""Seconds between two RTCP Sender Reports of a track (RFC 3550 section 6.2)."""
 CATCHUP_TICK = 0.005
 """Shortest sleep between two sends of cached GOP frames to a new viewer, seconds."""
 NTP_EPOCH_OFFSET = 2_208_988_800
@@ -109,6 +107,9 @@ class StreamSource(Protocol):
 
     @property
     def rendition(self) -> StreamSource | None: ...
+
+    @property
+    def arrival(self) -> ArrivalAnchor: ...
 
     @property
     def has_video(self) -> bool: ...
@@ -356,13 +357,6 @@ class ViewerSession:
         """When the last frame was handed to the send path (the viewer's clock)."""
         # Tracks that have had a frame (SRs are sent only for those).
         self._seen: set[MediaKind] = set()
-        # One mapping of stream time to the relay's clock for both tracks, so the SRs of
-        # audio and video agree (RFC 3550 section 6.4.1: one wallclock for all streams
-        # of a participant) and the browser plays them as the publisher timed them.
-        # It is the earliest arrival seen (arrival minus stream time, seconds): late
-        # arrivals are jitter (AAC comes in bursts), not a different clock.
-        self._anchor: float | None = None
-        self._anchor_at = 0.0
         self._last_sr = 0.0
         self._connected_at = 0.0
         self._housekeeping_task: asyncio.Task[None] | None = None
@@ -496,12 +490,6 @@ class ViewerSession:
         video = kind is _VIDEO
         if len(self._seen) < 2:
             self._seen.add(kind)
-        at = frame.received_at
-        lag = at - frame.timestamp / (VIDEO_CLOCK_RATE if video else AUDIO_CLOCK_RATE)
-        anchor = self._anchor_now(at)
-        if anchor is None or lag <= anchor:
-            self._anchor = lag
-            self._anchor_at = at
         if self._state is not _CONNECTED:
             return
         try:
@@ -664,13 +652,6 @@ class ViewerSession:
     def _send_rtcp(self, packet: bytes) -> None:
         self._send(self._dtls.protect_rtcp(packet), TrafficKind.RTCP)
 
-    def _anchor_now(self, now: float) -> float | None:
-        """The stream-time anchor at `now`: it leaks upwards slowly, to follow a
-        publisher clock that runs slower than ours."""
-        if self._anchor is None:
-            return None
-        return self._anchor + (now - self._anchor_at) * ANCHOR_LEAK
-
     def send_sender_reports(self) -> None:
         """One SR + SDES per track that has sent media (RFC 3550 section 6.4.1)."""
         if not self._seen:
@@ -681,8 +662,11 @@ class ViewerSession:
         for track in (self.video, self.audio):
             if track is None or track.packets == 0 or track.kind not in self._seen:
                 continue
-            anchor = self._anchor_now(now)
-            assert anchor is not None  # set with the first frame
+            # Both tracks map through the stream's one anchor, so their SRs agree (RFC
+            # 3550 section 6.4.1: one wallclock for all streams of a participant) and
+            # the browser plays them as the publisher timed them.
+            anchor = self.stream.arrival.at(now)
+            assert anchor is not None  # set by the frames this viewer was sent
             rtp_ts = track.ts_offset + int((now - anchor) * track.clock_rate)
             if track is self.video and self._catching_up:
                 # Cached frames are stamped as if sent live (see _catch_up): map now to
