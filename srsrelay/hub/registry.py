@@ -9,7 +9,7 @@ from collections.abc import Callable
 import structlog
 
 from srsrelay.config import AudioConfig, HubConfig, RtmpConfig, VideoConfig
-from srsrelay.hub.stream import PublishState, Stream
+from srsrelay.hub.stream import PublishState, Stream, StreamTap
 from srsrelay.limits import LimitHits
 
 log = structlog.get_logger(__name__)
@@ -55,6 +55,8 @@ class Hub:
         """Publisher disconnect callbacks of the streams that have a publisher."""
         self._timers: dict[str, asyncio.TimerHandle] = {}
         """Grace expiry timers of the streams waiting for their publisher."""
+        self.tap: StreamTap | None = None
+        """Given to every new stream: receives its frames once (worker processes)."""
 
     def publish(
         self, app: str, name: str, publisher_id: str, kick: Callable[[str], None]
@@ -104,6 +106,7 @@ class Hub:
             self._payload_size,
             self._video_config,
         )
+        stream.tap = self.tap
         self._streams[key] = stream
         self._kicks[key] = kick
         log.info("publish started", stream=key, publisher=publisher_id)

@@ -76,6 +76,20 @@ class PublishState(enum.Enum):
     ENDED = "ended"
 
 
+class StreamTap(Protocol):
+    """What receives every stream's frames once, for other processes (srsrelay.workers):
+    not a viewer, so it survives a codec change and is not counted as a reader."""
+
+    def on_frame(self, stream: Stream, frame: RtpFrame) -> None:
+        """A frame went to `stream`'s readers; must not block or raise."""
+
+    def on_drop(self, stream: Stream, reason: str) -> None:
+        """`stream` dropped its readers (they renegotiate)."""
+
+    def on_end(self, stream: Stream, reason: str) -> None:
+        """`stream` ended; nothing more of it follows."""
+
+
 class StreamReader(Protocol):
     """A consumer of a stream's frames (one per viewer)."""
 
@@ -179,6 +193,8 @@ class Stream:
         self.has_audio = False
         self.metadata: dict[str, object] = {}
         self.readers: list[StreamReader] = []
+        self.tap: StreamTap | None = None
+        """Gets every frame too (the hub sets it; renditions inherit it)."""
         self.stats = StreamStats()
         self.avc_config: flv.AvcConfig | None = None
         self.video_codec = "H264"
@@ -370,6 +386,23 @@ class Stream:
                 reader.on_stream_end()
             except Exception:
                 log.exception("reader failed on stream end", stream=self.key)
+        if self.tap is not None:
+            self.tap.on_drop(self, reason)
+
+    def drop_readers(self, reason: str) -> None:
+        """End every reader's session now: they renegotiate (a mirrored codec change)."""
+        self._drop_readers(reason)
+
+    def relay_frame(self, frame: RtpFrame) -> None:
+        """A frame made by another process's copy of this stream: cache it (video) and
+        send it to the readers, as if it had been made here."""
+        if frame.kind is MediaKind.VIDEO:
+            self._cache(frame)
+            self.stats.video_frames += 1
+            self.stats.count_keyframe(frame.timestamp, frame.keyframe)
+        else:
+            self.stats.audio_frames += 1
+        self._fan_out(frame)
 
     def _on_avc_config(self, config: flv.AvcConfig) -> None:
         self._set_video_codec("H264")
@@ -526,6 +559,7 @@ class Stream:
             self._video_config,
         )
         # Same key: to viewers, limits and the API it is the same stream.
+        rendition.tap = self.tap
         rendition.has_video = True
         rendition.has_audio = self.has_audio
         return rendition
@@ -840,6 +874,8 @@ class Stream:
                 self.stats.reader_errors += 1
                 if self._reader_error_log.ready(frame.received_at):
                     log.exception("reader failed on a frame", stream=self.key, error=repr(exc))
+        if self.tap is not None:
+            self.tap.on_frame(self, frame)
 
     # -- reader side ----------------------------------------------------------------
 
@@ -868,6 +904,8 @@ class Stream:
                 reader.on_stream_end()
             except Exception:
                 log.exception("reader failed on stream end", stream=self.key)
+        if self.tap is not None:
+            self.tap.on_end(self, reason)
         self._close_transcoder()
         if self._audio_timer is not None:
             self._audio_timer.cancel()
