@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import re
 import tomllib
 import typing
@@ -19,6 +20,10 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "SRSRELAY_"
+MAX_WORKERS = 64
+"""Highest daemon.workers."""
+INT_OR_WORD_KEYS = frozenset({"daemon.workers"})
+"""String settings a TOML file may also give as an integer (workers = 2)."""
 
 
 class ConfigError(Exception):
@@ -37,6 +42,10 @@ class LogConfig:
 class DaemonConfig:
     shutdown_timeout: float = 5.0
     """Seconds a graceful stop (SIGINT/SIGTERM) may take before sessions are dropped."""
+    workers: str = "1"
+    """Processes serving viewers: 1 serves them in the relay's own process; N (2-64)
+    or "auto" (one per CPU core) runs that many worker processes, each with its own RTC
+    port, fed each stream once by the ingest process."""
 
 
 @dataclass(frozen=True)
@@ -253,6 +262,16 @@ def load_config(path: Path | None, environ: Mapping[str, str]) -> Config:
     return config
 
 
+def config_from_dict(data: Mapping[str, Any]) -> Config:
+    """A configuration from sections as TOML or dataclasses.asdict() give them
+    (how the relay hands its configuration to its worker processes). Raises ConfigError."""
+    values: dict[str, dict[str, Any]] = {name: {} for name in _sections()}
+    _merge_toml(values, dict(data))
+    config = Config(**{name: _section_type(name)(**kwargs) for name, kwargs in values.items()})
+    validate(config)
+    return config
+
+
 def _sections() -> dict[str, type[Any]]:
     """Section name -> its dataclass, in declaration order."""
     hints = typing.get_type_hints(Config)
@@ -327,6 +346,8 @@ def _from_toml(name: str, hint: Any, raw: Any) -> Any:
             raise ConfigError(f"{name}: must be a number, got {_show(raw)}")
         return float(raw)
     if hint is str:
+        if name in INT_OR_WORD_KEYS and isinstance(raw, int) and not isinstance(raw, bool):
+            return str(raw)
         if not isinstance(raw, str):
             raise ConfigError(f"{name}: must be a string, got {_show(raw)}")
         return raw
@@ -385,6 +406,7 @@ def validate(config: Config) -> None:
     _one_of("log.level", config.log.level, LOG_LEVELS)
     _one_of("log.format", config.log.format, LOG_FORMATS)
     _positive("daemon.shutdown_timeout", config.daemon.shutdown_timeout)
+    worker_count(config.daemon)
 
     rtmp = config.rtmp
     _ip("rtmp.listen", rtmp.listen)
@@ -461,6 +483,19 @@ def validate(config: Config) -> None:
     for name in ("on_publish", "on_unpublish", "on_play", "on_stop"):
         _hook_url(f"hooks.{name}", getattr(hooks, name))
     _range("hooks.timeout", hooks.timeout, *HOOK_TIMEOUT_RANGE)
+
+
+def worker_count(daemon: DaemonConfig) -> int:
+    """daemon.workers as a number of processes ("auto": the CPU cores this process may
+    use); 1 means no worker processes. Raises ConfigError."""
+    value = daemon.workers.strip().lower()
+    if value == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    if value.isdigit() and 1 <= int(value) <= MAX_WORKERS:
+        return int(value)
+    raise ConfigError(
+        f"daemon.workers: must be auto or an integer 1-{MAX_WORKERS}, got {_show(daemon.workers)}"
+    )
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
