@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from srsrelay.config import Config
+from srsrelay.config import Config, worker_count
 from srsrelay.hooks import HookClient, PublishAuth
 from srsrelay.http.api import Api
 from srsrelay.http.server import HttpServer
@@ -17,6 +17,7 @@ from srsrelay.metrics import Metrics
 from srsrelay.reload import ReloadPlan, plan_reload
 from srsrelay.rtmp.server import RtmpServer
 from srsrelay.webrtc.server import RtcServer
+from srsrelay.workers.pool import WorkerPool
 
 log = structlog.get_logger(__name__)
 
@@ -45,6 +46,11 @@ class Relay:
         self.hooks = HookClient(config.hooks)
         """[hooks] callbacks; `update` applies a reload."""
         self.rtmp = RtmpServer(config.rtmp, self.hub, auth=self.auth, hooks=self.hooks)
+        workers = worker_count(config.daemon)
+        self.pool: WorkerPool | None = (
+            WorkerPool(config, workers, self.hub, self.hooks) if workers > 1 else None
+        )
+        """daemon.workers > 1: worker processes serve the viewers (self.rtc stays closed)."""
         self.http: HttpServer | None = None
         self.metrics = Metrics(self)
         """Prometheus registry of this relay, event-loop lag and rates for the API."""
@@ -58,6 +64,9 @@ class Relay:
 
     @property
     def rtc_port(self) -> int:
+        """The RTC port; with worker processes, the first worker's."""
+        if self.pool is not None:
+            return self.pool.workers[0].rtc_port if self.pool.workers else 0
         return self.rtc.port
 
     @property
@@ -81,8 +90,13 @@ class Relay:
         try:
             await self.hooks.start()
             self._started.append(("hooks", self.hooks.stop))
-            await _listen("rtc.port", cfg.rtc.listen, cfg.rtc.port, self.rtc.start)
-            self._started.append(("rtc", self.rtc.stop))
+            if self.pool is not None:
+                self.hub.tap = self.pool
+                self._started.append(("workers", self.pool.stop))
+                await self.pool.start()
+            else:
+                await _listen("rtc.port", cfg.rtc.listen, cfg.rtc.port, self.rtc.start)
+                self._started.append(("rtc", self.rtc.stop))
             await _listen("rtmp.port", cfg.rtmp.listen, cfg.rtmp.port, self.rtmp.start)
             self._started.append(("rtmp", self.rtmp.stop))
             self.http = HttpServer(
@@ -94,6 +108,7 @@ class Relay:
                 api=cfg.api,
                 rtmp=self.rtmp,
                 metrics=self.metrics,
+                pool=self.pool,
             )
             await _listen("http.port", cfg.http.listen, cfg.http.port, self.http.start)
             self._started.append(("http", self.http.stop))
@@ -123,6 +138,8 @@ class Relay:
             self.http.reconfigure(cfg.http)
         if self.api is not None:
             self.api.update(cfg.api)
+        if self.pool is not None:
+            self.pool.reload(cfg)
         self.auth.update(cfg.auth)
         self.hooks.update(cfg.hooks)
         log.info("config reloaded", applied=list(plan.applied))
@@ -153,6 +170,9 @@ class Relay:
                 timeout=timeout,
                 sessions=len(self.rtc.sessions),
             )
+        if "workers" in started:
+            # Bounded by daemon.shutdown_timeout itself; workers close their own viewers.
+            await started["workers"]()
         self.hub.close()
         if "rtc" in started:
             await started["rtc"]()

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from srsrelay.hub.registry import Hub
     from srsrelay.rtmp.server import RtmpServer
     from srsrelay.webrtc.server import RtcServer
+    from srsrelay.workers.pool import WorkerPool
 
 log = structlog.get_logger(__name__)
 
@@ -157,6 +158,9 @@ class RelayParts(Protocol):
     @property
     def http(self) -> HttpServer | None: ...
 
+    @property
+    def pool(self) -> WorkerPool | None: ...
+
 
 class Monitor:
     """A task probing event-loop lag every MONITOR_INTERVAL and calling `sample(now)`
@@ -257,6 +261,7 @@ class RelayCollector(Collector):
         yield from self._feedback()
         yield from self._refusals()
         yield from self._loop()
+        yield from self._workers()
 
     def _process(self) -> Iterator[Metric]:
         info = GaugeMetricFamily(
@@ -474,6 +479,30 @@ class RelayCollector(Collector):
             "How late the event-loop probes woke up.",
             buckets=lag.cumulative(),
             sum_value=lag.sum,
+        )
+
+    def _workers(self) -> Iterator[Metric]:
+        pool = self._parts.pool
+        workers = pool.workers if pool is not None else []
+        yield GaugeMetricFamily(
+            "srsrelay_workers",
+            "Worker processes serving viewers (daemon.workers > 1; 0 without them).",
+            value=sum(1 for w in workers if w.state.value == "ready"),
+        )
+        yield CounterMetricFamily(
+            "srsrelay_worker_restarts",
+            "Worker processes started again after they died or hung.",
+            value=sum(w.restarts for w in workers),
+        )
+        yield CounterMetricFamily(
+            "srsrelay_worker_viewers_lost",
+            "Viewer sessions that ended because their worker process died.",
+            value=pool.viewers_lost if pool is not None else 0,
+        )
+        yield CounterMetricFamily(
+            "srsrelay_worker_feed_dropped_frames",
+            "Frames not passed to a worker process that was behind (worker feed bound).",
+            value=sum(w.feed_dropped for w in workers),
         )
 
 

@@ -30,10 +30,12 @@ from srsrelay.hub.registry import Hub
 from srsrelay.hub.stream import Stream
 from srsrelay.webrtc.server import RtcServer
 from srsrelay.webrtc.viewer import SessionState, ViewerSession
+from srsrelay.workers.pool import WorkerUnavailable
 
 if TYPE_CHECKING:
     from srsrelay.metrics import Metrics, RateBook
     from srsrelay.rtmp.server import RtmpClient, RtmpServer
+    from srsrelay.workers.pool import WorkerPool
 
 log = structlog.get_logger(__name__)
 
@@ -147,7 +149,10 @@ class Api:
         rtmp_port: int = 1935,
         http_stats: Callable[[], dict[str, Any]] | None = None,
         metrics: Metrics | None = None,
+        pool: WorkerPool | None = None,
     ) -> None:
+        self._pool = pool
+        """Worker processes hold the viewers: their answers are merged into this one's."""
         self._hub = hub
         self._rtc = rtc
         self._rtmp = rtmp
@@ -184,6 +189,7 @@ class Api:
             self._add(router, path, {"GET": get(self._sessions)})
         self._add(router, f"{PREFIX}/rtc", {"GET": get(self._rtc_stats)})
         self._add(router, f"{PREFIX}/http", {"GET": get(self._http)})
+        self._add(router, f"{PREFIX}/workers", {"GET": get(self._workers)})
         for path in (f"{PREFIX}/clients", f"{PREFIX}/clients/"):
             self._add(router, path, {"GET": get(self._clients)})
         self._add(
@@ -273,15 +279,26 @@ class Api:
     # -- handlers ----------------------------------------------------------------
 
     async def _health(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            {
-                "code": 0,
-                "status": "ok",
-                "server": SERVER,
-                "version": __version__,
-                "uptime": round(time.time() - self.started_at, 1),
-            }
-        )
+        body: dict[str, Any] = {
+            "code": 0,
+            "status": "ok",
+            "server": SERVER,
+            "version": __version__,
+            "uptime": round(time.time() - self.started_at, 1),
+        }
+        if self._pool is not None:
+            running = len(self._pool.ready())
+            body["workers"] = {"configured": self._pool.count, "running": running}
+            if running == 0:
+                raise ApiError(503, "no worker process is running (they are restarting)")
+        return web.json_response(body)
+
+    async def _workers(self, request: web.Request) -> web.Response:
+        if self._pool is None:
+            data: dict[str, Any] = {"configured": 1, "running": 0, "workers": []}
+        else:
+            data = self._pool.stats()
+        return web.json_response({"code": 0, "workers": data})
 
     async def _info(self, request: web.Request) -> web.Response:
         return web.json_response(
@@ -292,7 +309,7 @@ class Api:
         now = time.time()
         viewers = self._viewers_by_stream()
         streams = [
-            stream_json(s, now, viewers=viewers[s.key], rates=self.rates)
+            stream_json(s, now, viewers=viewers[s.key], rates=self.rates, pooled=self._pooled)
             for s in self._hub.streams()
         ]
         return web.json_response({"code": 0, "streams": streams})
@@ -319,26 +336,57 @@ class Api:
                 404, f"stream {key} is not live (GET {PREFIX}/streams lists the live ones)"
             )
         viewers = self._viewers_by_stream()[key]
-        data = stream_json(stream, time.time(), viewers=viewers, rates=self.rates)
+        data = stream_json(
+            stream, time.time(), viewers=viewers, rates=self.rates, pooled=self._pooled
+        )
         return web.json_response({"code": 0, "stream": data})
 
+    @property
+    def _pooled(self) -> bool:
+        return self._pool is not None
+
     async def _sessions(self, request: web.Request) -> web.Response:
-        sessions = [s.stats() for s in list(self._rtc.sessions.values())]
+        if self._pool is None:
+            sessions = [s.stats() for s in list(self._rtc.sessions.values())]
+        else:
+            sessions = [
+                item
+                for _, data in await self._pool.fetch_json(f"{PREFIX}/sessions")
+                for item in _list(data, "sessions")
+            ]
         return web.json_response({"code": 0, "sessions": sessions})
 
     async def _rtc_stats(self, request: web.Request) -> web.Response:
-        return web.json_response({"code": 0, "rtc": self._rtc.stats()})
+        if self._pool is None:
+            return web.json_response({"code": 0, "rtc": self._rtc.stats()})
+        # One report per worker: each has its own socket, send path and latency.
+        workers = [
+            {"worker": worker.index, "rtc": data.get("rtc") if data is not None else None}
+            for worker, data in await self._pool.fetch_json(f"{PREFIX}/rtc")
+        ]
+        sessions = sum(w["rtc"].get("sessions", 0) for w in workers if isinstance(w["rtc"], dict))
+        return web.json_response({"code": 0, "rtc": {"sessions": sessions, "workers": workers}})
 
     async def _http(self, request: web.Request) -> web.Response:
         stats = self._http_stats() if self._http_stats is not None else {}
         return web.json_response({"code": 0, "http": stats})
 
     async def _clients(self, request: web.Request) -> web.Response:
-        return web.json_response({"code": 0, "server": SERVER, "clients": self.clients()})
+        clients = await self._all_clients()
+        return web.json_response({"code": 0, "server": SERVER, "clients": clients})
+
+    async def _all_clients(self) -> list[dict[str, Any]]:
+        """clients(), plus the viewers of every worker process."""
+        out = self.clients()
+        if self._pool is not None:
+            for worker, data in await self._pool.fetch_json(f"{PREFIX}/clients"):
+                for client in _list(data, "clients"):
+                    out.append({**client, "worker": worker.index})
+        return out
 
     async def _client(self, request: web.Request) -> web.Response:
         client_id = request.match_info["id"]
-        for client in self.clients():
+        for client in await self._all_clients():
             if client["id"] == client_id:
                 return web.json_response({"code": 0, "server": SERVER, "client": client})
         raise _unknown_client(client_id)
@@ -346,6 +394,19 @@ class Api:
     async def _kick(self, request: web.Request) -> web.Response:
         client_id = request.match_info["id"]
         reason = await _kick_reason(request)
+        if self._pool is not None and (worker := self._pool.owner(client_id)) is not None:
+            try:
+                answer = await self._pool.forward(
+                    worker,
+                    "DELETE",
+                    f"{PREFIX}/clients/{quote(client_id, safe='')}",
+                    {"Content-Type": JSON_TYPE},
+                    json.dumps({"reason": reason}).encode(),
+                    client=request.remote or "",
+                )
+            except WorkerUnavailable as exc:
+                raise ApiError(503, f"cannot kick {client_id}: {exc}") from None
+            return web.Response(status=answer.status, body=answer.body, content_type=JSON_TYPE)
         session = self._rtc.sessions.get(client_id)
         if session is not None and session.state is not SessionState.CLOSED:
             await self._rtc.close_session(client_id, f"kicked: {reason}")
@@ -369,11 +430,18 @@ class Api:
             raise ApiError(404, "metrics are not collected by this server")
         from srsrelay.metrics import CONTENT_TYPE
 
-        return web.Response(body=self._metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+        body = self._metrics.render()
+        if self._pool is not None:
+            from srsrelay.workers.merge import merge_expositions
+
+            body = merge_expositions(body, await self._pool.fetch_text("/metrics"))
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     # -- views -------------------------------------------------------------------
 
     def _viewers_by_stream(self) -> Counter[str]:
+        if self._pool is not None:
+            return self._pool.viewers_by_stream()
         return Counter(
             s.stream.key
             for s in list(self._rtc.sessions.values())
@@ -391,6 +459,12 @@ class Api:
             if session.state is not SessionState.CLOSED:
                 out.append(viewer_json(session, now, rates))
         return out
+
+
+def _list(data: dict[str, Any] | None, key: str) -> list[dict[str, Any]]:
+    """The list of objects under `key` of a worker's answer (empty if it failed)."""
+    items = data.get(key) if data is not None else None
+    return [i for i in items if isinstance(i, dict)] if isinstance(items, list) else []
 
 
 def _unknown_client(client_id: str) -> ApiError:
@@ -436,7 +510,12 @@ def _average(total: int, seconds: float) -> float:
 
 
 def stream_json(
-    stream: Stream, now: float, *, viewers: int = 0, rates: RateBook | None = None
+    stream: Stream,
+    now: float,
+    *,
+    viewers: int = 0,
+    rates: RateBook | None = None,
+    pooled: bool = False,
 ) -> dict[str, Any]:
     """One stream in the SRS-like shape of GET /api/v1/streams; `now` is a Unix time.
 
@@ -450,8 +529,9 @@ def stream_json(
         else:
             video["fmtp"] = stream.video_fmtp
             video["h264_rendition"] = stream.rendition is not None
-    clients = len(stream.readers)
-    if stream.rendition is not None:
+    # With worker processes, the readers are in the workers: `viewers` counts them.
+    clients = viewers if pooled else len(stream.readers)
+    if stream.rendition is not None and not pooled:
         clients += len(stream.rendition.readers)
     uptime = max(0.0, now - stream.started_at)
     stats = stream.stats
@@ -657,6 +737,7 @@ _ERROR_TEXT = {
     404: "No such stream or client",
     413: "The body is larger than http.max_body_size",
     415: "The body is not application/json",
+    503: "Worker processes (daemon.workers) are not running or did not answer",
 }
 
 
@@ -679,7 +760,13 @@ def openapi_document() -> dict[str, Any]:
     client_id = _path_param("id", "A client id from GET /api/v1/clients")
     paths: dict[str, Any] = {
         f"{PREFIX}/health": {
-            "get": op("health", "Liveness; always allowed", "Health", public=True)
+            "get": op(
+                "health",
+                "Liveness; always allowed (503 when no worker process runs)",
+                "Health",
+                public=True,
+                errors=(503,),
+            )
         },
         f"{PREFIX}/info": {"get": op("info", "Server version and RTMP port", "Info")},
         f"{PREFIX}/streams": {"get": op("listStreams", "Live streams", "StreamList")},
@@ -702,6 +789,9 @@ def openapi_document() -> dict[str, Any]:
         },
         f"{PREFIX}/rtc": {"get": op("rtcStats", "WebRTC socket and send path counters", "Rtc")},
         f"{PREFIX}/http": {"get": op("httpStats", "HTTP refusal counters", "Http")},
+        f"{PREFIX}/workers": {
+            "get": op("listWorkers", "Worker processes (daemon.workers)", "Workers")
+        },
         f"{PREFIX}/clients": {
             "get": op("listClients", "Publishers and viewers (SRS shape)", "ClientList")
         },
@@ -712,7 +802,7 @@ def openapi_document() -> dict[str, Any]:
                 "Disconnect a viewer or a publisher",
                 "Kicked",
                 params=[client_id],
-                errors=(400, 404, 413, 415),
+                errors=(400, 404, 413, 415, 503),
                 body=True,
             ),
         },
@@ -820,6 +910,13 @@ def _schemas() -> dict[str, Any]:
                 "server": {"type": "string"},
                 "version": {"type": "string"},
                 "uptime": {"type": "number"},
+                "workers": {
+                    "type": "object",
+                    "properties": {
+                        "configured": {"type": "integer"},
+                        "running": {"type": "integer"},
+                    },
+                },
             },
         },
         "Info": {
@@ -839,6 +936,7 @@ def _schemas() -> dict[str, Any]:
         "SessionList": _envelope("sessions", {"type": "array", "items": _ANY_OBJECT}),
         "Rtc": _envelope("rtc", _ANY_OBJECT),
         "Http": _envelope("http", _ANY_OBJECT),
+        "Workers": _envelope("workers", _ANY_OBJECT),
         "Client": client,
         "ClientList": _envelope(
             "clients", {"type": "array", "items": {"$ref": "#/components/schemas/Client"}}

@@ -57,10 +57,12 @@ from srsrelay.limits import LimitHits
 from srsrelay.webrtc.sdp import CodecNotOffered, OfferError, candidate_priority
 from srsrelay.webrtc.server import RtcServer
 from srsrelay.webrtc.viewer import SessionState, ViewerSession
+from srsrelay.workers.pool import Forwarded, Worker, WorkerUnavailable
 
 if TYPE_CHECKING:
     from srsrelay.metrics import Metrics
     from srsrelay.rtmp.server import RtmpServer
+    from srsrelay.workers.pool import WorkerPool
 
 log = structlog.get_logger(__name__)
 
@@ -87,6 +89,8 @@ RATE_LIMIT_TABLE_SIZE = 4096
 REFUSAL_LOG_INTERVAL = 1.0
 """Seconds between two log lines about rate-limited or unauthorized requests."""
 AUTH_REALM = "srsrelay"
+SESSION_HEADER = "X-Srsrelay-Session"
+"""How a worker process names the session a forwarded POST created."""
 
 
 class HttpError(Exception):
@@ -220,8 +224,17 @@ class HttpServer:
         api: ApiConfig | None = None,
         rtmp: RtmpServer | None = None,
         metrics: Metrics | None = None,
+        pool: WorkerPool | None = None,
+        unix_path: str | None = None,
     ) -> None:
         self._config = config
+        self._pool = pool
+        """Worker processes serve the viewers: WHEP requests are forwarded to them."""
+        self._unix_path = unix_path
+        """Serve on this unix socket instead of http.listen:http.port (a worker process,
+        reached only through the relay process, which names the client in X-Forwarded-For)."""
+        self.opened_listeners: list[Callable[[ViewerSession, dict[str, str]], None]] = []
+        """Called with every viewer session a WHEP POST created, and its hook body."""
         self._hub = hub
         self._rtc = rtc
         self._hooks = hooks
@@ -231,7 +244,7 @@ class HttpServer:
         rtc.closed_listeners.append(self._viewer_closed)
         self._rtmp_port = rtmp_port
         self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
+        self._site: web.BaseSite | None = None
         # Tokens are compared as SHA-256 digests so every comparison has the same length.
         self._token_digests = [hashlib.sha256(t.encode()).digest() for t in config.whep_tokens]
         self._rate = RateLimiter(config.whep_rate_limit, config.whep_rate_burst)
@@ -251,6 +264,7 @@ class HttpServer:
             rtmp_port=rtmp_port,
             http_stats=self.stats,
             metrics=metrics,
+            pool=pool,
         )
         """The JSON API and /metrics (api.access applies to both)."""
         self.app = self._build_app()
@@ -268,6 +282,8 @@ class HttpServer:
     @property
     def port(self) -> int:
         """The bound TCP port (differs from http.port when that is 0)."""
+        if self._unix_path is not None:
+            return 0
         if self._runner is None or not self._runner.addresses:
             raise RuntimeError("the HTTP server is not started")
         return int(self._runner.addresses[0][1])
@@ -283,7 +299,11 @@ class HttpServer:
         await runner.setup()
         self._runner = runner
         logging.getLogger("aiohttp.server").addFilter(self.malformed)
-        site = web.TCPSite(runner, self._config.listen, self._config.port)
+        site: web.BaseSite
+        if self._unix_path is not None:
+            site = web.UnixSite(runner, self._unix_path)
+        else:
+            site = web.TCPSite(runner, self._config.listen, self._config.port)
         try:
             await site.start()
         except OSError:
@@ -407,6 +427,8 @@ class HttpServer:
 
     async def _whep_resource_get(self, request: web.Request) -> web.Response:
         self._authorize(request)
+        if self._pool is not None:
+            return await self._forward_session(request, request.match_info["session"])
         session = self._session(request.match_info["session"], _key(request.match_info))
         return web.Response(status=200, headers={"ETag": entity_tag(session)})
 
@@ -414,6 +436,8 @@ class HttpServer:
         if "session" not in request.query:
             return await self._endpoint_get(request)
         self._authorize(request)
+        if self._pool is not None:
+            return await self._forward_session(request, request.query["session"])
         session = self._session(request.query["session"], _srs_key(request))
         return web.Response(status=200, headers={"ETag": entity_tag(session)})
 
@@ -421,12 +445,16 @@ class HttpServer:
 
     async def _whep_post(self, request: web.Request) -> web.Response:
         app, name = request.match_info["app"], request.match_info["stream"]
+        if self._pool is not None:
+            return await self._forward_play(request, app, name)
         session = await self._play(request, app, name)
         location = f"/whep/{quote(app, safe='')}/{quote(name, safe='')}/{session.id}"
         return self._answer(session, location)
 
     async def _srs_post(self, request: web.Request) -> web.Response:
         app, name = _srs_stream(request)
+        if self._pool is not None:
+            return await self._forward_play(request, app, name)
         session = await self._play(request, app, name)
         query = urlencode({"app": app, "stream": name, "session": session.id})
         return self._answer(session, f"/rtc/v1/whep/?{query}")
@@ -438,7 +466,7 @@ class HttpServer:
         _check_offer_text(offer)
         self._check_capacity(None)
         stream = await self._find_stream(app, name)
-        self._check_capacity(stream)
+        self._check_capacity(stream.key)
         try:
             session = self._rtc.create_session(offer, stream)
         except CodecNotOffered as exc:
@@ -450,7 +478,7 @@ class HttpServer:
             raise HttpError(400, str(exc)) from None
         body = request_body(
             client_id=session.id,
-            ip=request.remote or "",
+            ip=self._remote(request),
             app=app,
             stream=name,
             param=request.query_string,
@@ -458,8 +486,64 @@ class HttpServer:
         )
         await self._ask_on_play(session, body)
         self._plays[session.id] = body
+        for listener in self.opened_listeners:
+            listener(session, body)
         log.info("whep session created", stream=stream.key, session=session.id)
         return session
+
+    async def _forward_play(self, request: web.Request, app: str, name: str) -> web.Response:
+        """A WHEP POST with worker processes: checked here (rate, token, body, global
+        viewer limits), answered by the worker with the fewest viewers."""
+        pool = self._pool
+        assert pool is not None
+        self._check_rate(request)
+        self._authorize(request)
+        offer = await self._read_body(request, SDP_TYPE, "SDP offer")
+        _check_offer_text(offer)
+        key = f"{app}/{name}"
+        self._check_capacity(key)
+        worker = self._worker_or_503(pool.pick)
+        answer = await self._forward(request, worker, offer.encode(), key)
+        # 409, 406 and hook refusals are counted by the worker that answered.
+        if answer.session is not None:
+            log.info(
+                "whep session created", stream=key, session=answer.session, worker=worker.index
+            )
+        return answer_response(answer)
+
+    async def _forward_session(self, request: web.Request, session_id: str) -> web.Response:
+        """PATCH, DELETE or GET of a session resource: to the worker serving it."""
+        pool = self._pool
+        assert pool is not None
+        worker = pool.owner(session_id)
+        if worker is None:
+            raise HttpError(404, f"session {session_id} does not exist (already closed?)")
+        body = await request.read()  # at most http.max_body_size (client_max_size)
+        return answer_response(await self._forward(request, worker, body, None))
+
+    async def _forward(
+        self, request: web.Request, worker: Worker, body: bytes, stream: str | None
+    ) -> Forwarded:
+        assert self._pool is not None
+        try:
+            return await self._pool.forward(
+                worker,
+                request.method,
+                request.path_qs,
+                request.headers,
+                body,
+                client=self._remote(request),
+                stream=stream,
+            )
+        except WorkerUnavailable as exc:
+            raise HttpError(503, f"{exc}; retry after 1 s", {"Retry-After": "1"}) from None
+
+    @staticmethod
+    def _worker_or_503(pick: Callable[[], Worker]) -> Worker:
+        try:
+            return pick()
+        except WorkerUnavailable as exc:
+            raise HttpError(503, f"{exc}; retry after 1 s", {"Retry-After": "1"}) from None
 
     async def _ask_on_play(self, session: ViewerSession, body: dict[str, str]) -> None:
         """The on_play hook decides about a created session: 403 closes it (no on_stop).
@@ -491,8 +575,15 @@ class HttpServer:
         if body is not None and self._hooks is not None:
             self._hooks.notify("on_stop", {**body, "reason": session.close_reason or "closed"})
 
+    def _remote(self, request: web.Request) -> str:
+        """The client's address: from X-Forwarded-For on a worker's unix socket (only
+        the relay process can reach it), else the peer address."""
+        if self._unix_path is not None:
+            return request.headers.get("X-Forwarded-For", "")
+        return request.remote or ""
+
     def _check_rate(self, request: web.Request) -> None:
-        client = request.remote or ""
+        client = self._remote(request)
         now = time.monotonic()
         wait = self._rate.take(client, now)
         if wait <= 0:
@@ -545,17 +636,20 @@ class HttpServer:
         if since is not None:
             log.warning(
                 "whep request unauthorized",
-                client=request.remote,
+                client=self._remote(request),
                 reason=why,
                 refused=since,
                 total=self.unauthorized.count,
             )
 
-    def _check_capacity(self, stream: Stream | None) -> None:
+    def _check_capacity(self, key: str | None) -> None:
         rtc = self._rtc.config
-        sessions = self._rtc.sessions
         headers = {"Retry-After": str(FULL_RETRY_AFTER)}
-        if len(sessions) >= rtc.max_viewers:
+        if self._pool is not None:
+            total = self._pool.viewer_count()
+        else:
+            total = len(self._rtc.sessions)
+        if total >= rtc.max_viewers:
             self._limit_hit("rtc.max_viewers", limit=rtc.max_viewers)
             raise HttpError(
                 503,
@@ -564,14 +658,17 @@ class HttpServer:
                 headers,
             )
         limit = rtc.max_viewers_per_stream
-        if stream is None or limit <= 0:
+        if key is None or limit <= 0:
             return
-        viewers = sum(1 for s in list(sessions.values()) if s.stream.key == stream.key)
+        if self._pool is not None:
+            viewers = self._pool.viewers_by_stream()[key]
+        else:
+            viewers = sum(1 for s in list(self._rtc.sessions.values()) if s.stream.key == key)
         if viewers >= limit:
-            self._limit_hit("rtc.max_viewers_per_stream", limit=limit, stream=stream.key)
+            self._limit_hit("rtc.max_viewers_per_stream", limit=limit, stream=key)
             raise HttpError(
                 503,
-                f"stream {stream.key} has its maximum of {limit} viewers "
+                f"stream {key} has its maximum of {limit} viewers "
                 f"(rtc.max_viewers_per_stream); retry after {FULL_RETRY_AFTER} s",
                 headers,
             )
@@ -619,6 +716,8 @@ class HttpServer:
         headers["ETag"] = entity_tag(session)
         for link in ice_server_links(self._rtc.config):
             headers.add("Link", link)
+        if self._unix_path is not None:
+            headers[SESSION_HEADER] = session.id
         return web.Response(
             status=201,
             body=session.answer_sdp.encode(),
@@ -655,6 +754,8 @@ class HttpServer:
         self, request: web.Request, session_id: str, stream_key: str | None
     ) -> web.Response:
         self._authorize(request)
+        if self._pool is not None:
+            return await self._forward_session(request, session_id)
         session = self._session(session_id, stream_key)
         text = await self._read_body(request, SDPFRAG_TYPE, "ICE fragment")
         try:
@@ -725,6 +826,8 @@ class HttpServer:
     ) -> web.Response:
         # If-Match is ignored on DELETE (draft-ietf-wish-whep section 4.3.1).
         self._authorize(request)
+        if self._pool is not None:
+            return await self._forward_session(request, session_id)
         self._session(session_id, stream_key)
         if not await self._rtc.close_session(session_id, "viewer sent DELETE"):
             raise HttpError(404, f"session {session_id} does not exist (already closed?)")
@@ -743,18 +846,24 @@ class HttpServer:
         limit = self._config.max_body_size
         length = request.content_length
         if length is not None and length > limit:
-            self._limit_hit("http.max_body_size", limit=limit, client=request.remote)
+            self._limit_hit("http.max_body_size", limit=limit, client=self._remote(request))
             raise HttpError(413, _too_large(what, f"{length} bytes", limit))
         body = bytearray()
         while chunk := await request.content.read(READ_CHUNK):
             body += chunk
             if len(body) > limit:
-                self._limit_hit("http.max_body_size", limit=limit, client=request.remote)
+                self._limit_hit("http.max_body_size", limit=limit, client=self._remote(request))
                 raise HttpError(413, _too_large(what, f"more than {limit} bytes", limit))
         try:
             return body.decode("utf-8")
         except UnicodeDecodeError:
             raise HttpError(400, f"body is not an {what}: it is not UTF-8 text") from None
+
+
+def answer_response(answer: Forwarded) -> web.Response:
+    """A worker's answer, passed on (CORS headers are this server's own)."""
+    headers: CIMultiDict[str] = CIMultiDict(answer.headers)
+    return web.Response(status=answer.status, body=answer.body, headers=headers)
 
 
 def _bearer_token(request: web.Request) -> str:
