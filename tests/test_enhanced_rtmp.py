@@ -156,10 +156,14 @@ async def test_av1_plays_in_chromium_and_h264_viewers_get_406(
     assert info["errors"] == 0 and info["state"] == "live", info
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
 async def test_av1_is_transcoded_once_for_h264_viewers(
-    tmp_path: Path, http: aiohttp.ClientSession
+    tmp_path: Path, http: aiohttp.ClientSession, workers: str
 ) -> None:
-    relay = start_relay(tmp_path, "[video]\ntranscode_to_h264 = true\n")
+    # With worker processes, the rendition is made in the relay process and fed to both.
+    relay = start_relay(
+        tmp_path, f"[video]\ntranscode_to_h264 = true\n[daemon]\nworkers = {workers}\n"
+    )
     replay = Replay(relay, "av1", AV1_FLV.read_bytes())
     viewers = [WhepViewer(relay.http, "/whep/live/av1") for _ in range(2)]
     try:

@@ -296,3 +296,38 @@ async def test_strangers_on_the_feed_socket_are_refused(
         assert [w["restarts"] for w in await workers(http, relay)] == [0, 0]
     errors = [e for e in relay.log_lines() if e.get("event") == "worker broke the protocol"]
     assert len(errors) == 3
+
+
+async def test_a_reload_reaches_the_workers(
+    workers_relay: RelayProcess, publish: Callable[..., Publisher]
+) -> None:
+    # Workers check WHEP tokens again: with the old tokens they would refuse the new one.
+    relay = workers_relay
+    publish(relay.rtmp_url(STREAM), size="320x240")
+    await wait_live(relay, STREAM)
+    text = relay.config_path.read_text()
+    for token in ("old", "new"):
+        relay.config_path.write_text(
+            text.replace("[http]\n", f'[http]\nwhep_tokens = ["{token}"]\n')
+        )
+        before = sum(1 for e in relay.log_lines() if e.get("event") == "worker config reloaded")
+        relay.proc.send_signal(signal.SIGHUP)
+
+        async def reloaded(before: int = before) -> bool:
+            lines = relay.log_lines()
+            return sum(1 for e in lines if e.get("event") == "worker config reloaded") == before + 2
+
+        await until(reloaded, "both workers reloading")
+    async with aiohttp.ClientSession(headers={"Authorization": "Bearer new"}) as http:
+        viewers = await start_viewers(http, relay, 2)
+        try:
+            await playing(viewers)
+        finally:
+            await close_all(viewers)
+    async with aiohttp.ClientSession(headers={"Authorization": "Bearer old"}) as http:
+        async with http.post(
+            relay.http + f"/whep/{STREAM}",
+            data="v=0\r\n",
+            headers={"Content-Type": "application/sdp"},
+        ) as resp:
+            assert resp.status == 401

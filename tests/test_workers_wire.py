@@ -41,6 +41,13 @@ def test_frame_round_trip() -> None:
     assert got == original
 
 
+def test_audio_before_the_stream_start_keeps_its_negative_timestamp() -> None:
+    # Opus frames are stamped back by the encoder's lookahead: the first ones are < 0.
+    original = frame(MediaKind.AUDIO, ts=-312)
+    message = wire.Reader().feed(wire.encode_frame(1, original))[0]
+    assert wire.decode_frame(message.body)[1] == original
+
+
 def test_reader_splits_and_joins_messages() -> None:
     data = (
         wire.encode_json(Msg.STREAM, {"id": 1, "app": "live"})

@@ -875,7 +875,12 @@ class Stream:
                 if self._reader_error_log.ready(frame.received_at):
                     log.exception("reader failed on a frame", stream=self.key, error=repr(exc))
         if self.tap is not None:
-            self.tap.on_frame(self, frame)
+            try:
+                self.tap.on_frame(self, frame)
+            except Exception as exc:
+                self.stats.reader_errors += 1
+                if self._reader_error_log.ready(frame.received_at):
+                    log.exception("stream tap failed on a frame", stream=self.key, error=repr(exc))
 
     # -- reader side ----------------------------------------------------------------
 

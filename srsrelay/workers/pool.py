@@ -237,6 +237,8 @@ class WorkerPool:
         """Wire id -> the stream, for as long as it lives."""
         self._described: dict[int, tuple[object, ...]] = {}
         """Wire id -> the description the workers last got."""
+        self._parents: dict[int, int] = {}
+        """Wire id of a rendition -> wire id of the stream it was made from."""
         self._next_id = 1
         self._stopping = False
         self._monitor: asyncio.Task[None] | None = None
@@ -507,15 +509,22 @@ class WorkerPool:
 
     def on_frame(self, stream: Stream, frame: RtpFrame) -> None:
         stream_id = self._id_of(stream)
+        parent_id = self._parents.get(stream_id)
+        if parent_id is not None and parent_id in self._streams:
+            self._announce(parent_id, self._streams[parent_id])  # workers need it first
+        self._announce(stream_id, stream)
+        data = wire.encode_frame(stream_id, frame)
+        for worker in self.workers:
+            if worker.state is WorkerState.READY:
+                self._write(worker, stream_id, frame, data)
+
+    def _announce(self, stream_id: int, stream: Stream) -> None:
+        """Describe the stream to the workers if they have not got this description."""
         description = self._describe(stream_id, stream)
         key = tuple(description.values())
         if self._described.get(stream_id) != key:
             self._described[stream_id] = key
             self._broadcast(wire.encode_json(Msg.STREAM, description))
-        data = wire.encode_frame(stream_id, frame)
-        for worker in self.workers:
-            if worker.state is WorkerState.READY:
-                self._write(worker, stream_id, frame, data)
 
     def on_drop(self, stream: Stream, reason: str) -> None:
         stream_id = self._ids.get(id(stream))
@@ -528,6 +537,7 @@ class WorkerPool:
             return
         self._streams.pop(stream_id, None)
         self._described.pop(stream_id, None)
+        self._parents.pop(stream_id, None)
         for worker in self.workers:
             worker.skipping.discard(stream_id)
         self._broadcast(wire.encode_json(Msg.END, {"id": stream_id, "reason": reason}))
@@ -538,10 +548,13 @@ class WorkerPool:
             stream_id = self._ids[id(stream)] = self._next_id
             self._streams[stream_id] = stream
             self._next_id += 1
+            # A rendition is not in the hub: it hangs off the stream it was made from.
+            parent = next((s for s in self._hub.streams() if s.rendition is stream), None)
+            if parent is not None:
+                self._parents[stream_id] = self._id_of(parent)
         return stream_id
 
     def _describe(self, stream_id: int, stream: Stream) -> dict[str, Any]:
-        parent = next((s for s in self._hub.streams() if s.rendition is stream), None)
         return {
             "id": stream_id,
             "app": stream.app,
@@ -552,7 +565,7 @@ class WorkerPool:
             "profile_level_id": stream.profile_level_id,
             "has_video": stream.has_video,
             "has_audio": stream.has_audio,
-            "rendition_of": self._ids.get(id(parent)) if parent is not None else None,
+            "rendition_of": self._parents.get(stream_id),
         }
 
     def _broadcast(self, data: bytes) -> None:

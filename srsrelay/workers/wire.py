@@ -7,7 +7,7 @@ One unix stream socket per worker carries length-prefixed messages both ways:
 Bodies are JSON objects, except FRAME, which is binary so that a frame is serialized
 once per stream and the same bytes go to every worker:
 
-    u32 stream id | u8 kind | u8 keyframe | u64 RTP timestamp | f64 received_at
+    u32 stream id | u8 kind | u8 keyframe | i64 RTP timestamp | f64 received_at
     | u16 payload count | (u16 length | payload) ...
 
 `received_at` is time.monotonic(); CLOCK_MONOTONIC is shared by every process of a
@@ -30,7 +30,7 @@ packetized, with room for RTP payload headers. A longer length prefix is a proto
 error and ends the connection."""
 
 _PREFIX = struct.Struct("!IB")
-_FRAME = struct.Struct("!IBBQdH")
+_FRAME = struct.Struct("!IBBqdH")
 _LEN = struct.Struct("!H")
 _KINDS = (MediaKind.VIDEO, MediaKind.AUDIO)
 _KIND_CODE = {MediaKind.VIDEO: 0, MediaKind.AUDIO: 1}

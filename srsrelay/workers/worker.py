@@ -36,7 +36,8 @@ from srsrelay.workers import wire
 from srsrelay.workers.pool import HEARTBEAT_INTERVAL, WorkerPool
 from srsrelay.workers.wire import Msg
 
-log = structlog.get_logger(__name__)
+# Named, not __name__: run with -m, this module is __main__.
+log = structlog.get_logger("srsrelay.workers.worker")
 
 READ_SIZE = 256 * 1024
 """Bytes read from the ingest socket at a time."""
