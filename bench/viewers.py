@@ -22,9 +22,21 @@ The same viewers are then served by a baseline: stock aiortc fan-out (one
 RTCPeerConnection per viewer, a MediaRelay of one MediaPlayer that demuxes H.264 +
 Opus from a second ffmpeg without decoding), measured the same way at `--baseline-steps`.
 
+Last, the multi-process mode ("workers": `[daemon] workers = K`, `--workers K`, by
+default one per CPU this script may use; 0 skips it) at `--workers-bitrates` and the same
+steps. Worker k is pinned to CPU k % (CPUs); the relay (ingest) process, the publisher,
+the viewers and this script are not pinned, so the load generator shares the cores with
+the workers. CPU, CPU wait and RSS are summed over the relay process and all its worker
+processes (their pids are read from /api/v1/workers at each window: a worker may have
+been restarted); send drops and relay-added latency are merged over the workers'
+/api/v1/rtc reports. Viewers per machine = 1000 * K / slope (K processes serving viewers,
+each at most one core), compared with the single-process viewers per core at the same
+bitrate (the issue asks for >= WORKERS_RATIO_TARGET times).
+
     python bench/viewers.py                     # full run, a few minutes
     python bench/viewers.py --quick             # under a minute, proves it works
     python bench/viewers.py --steps 0,100,200,400 --bitrates 2000 --json out.json
+    python bench/viewers.py --bitrates '' --baseline-steps '' --workers 2   # workers only
 """
 
 from __future__ import annotations
@@ -41,7 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,10 +98,15 @@ LOSS_TARGET_PCT = 0.5
 RSS_TARGET_KB = 200.0
 VIEWERS_TARGET = {600: 1000, 2000: 300}
 """Viewers per core the issue asks for, by bitrate (kbit/s)."""
+WORKERS_RATIO_TARGET = 1.8
+"""Viewers per machine with worker processes, as a multiple of the single-process viewers
+per core, that the issue asks for."""
 READY_TIMEOUT = 60.0
 """Seconds the viewer process may take to connect, plus 0.2 s per viewer."""
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+ALL_CPUS = tuple(sorted(os.sched_getaffinity(0)))
+"""The CPUs this script may use (read before it pins itself)."""
 
 
 # -- measuring a process -------------------------------------------------------------
@@ -122,11 +139,20 @@ def rss_kb(pid: int) -> int:
 
 def pin(pid: int, cpu: int) -> None:
     """Pin every thread of `pid` (threads made later inherit it)."""
-    if not pinning():
-        return
+    if pinning():
+        _set_affinity(pid, {cpu})
+
+
+def unpin(pid: int) -> None:
+    """Let every thread of `pid` run on any of ALL_CPUS."""
+    if pinning():
+        _set_affinity(pid, set(ALL_CPUS))
+
+
+def _set_affinity(pid: int, cpus: set[int]) -> None:
     for tid in os.listdir(f"/proc/{pid}/task"):
         with contextlib.suppress(ProcessLookupError):
-            os.sched_setaffinity(int(tid), {cpu})
+            os.sched_setaffinity(int(tid), cpus)
 
 
 def pinning() -> bool:
@@ -137,6 +163,22 @@ def on_other_cpu() -> Callable[[], None] | None:
     if not pinning():
         return None
     return lambda: os.sched_setaffinity(0, {OTHER_CPU})
+
+
+def on_any_cpu() -> Callable[[], None] | None:
+    if not pinning():
+        return None
+    return lambda: os.sched_setaffinity(0, set(ALL_CPUS))
+
+
+def worker_cpu(index: int) -> int:
+    """The CPU worker process `index` is pinned to."""
+    return ALL_CPUS[index % len(ALL_CPUS)]
+
+
+def default_workers() -> int:
+    """One worker process per CPU this script may use; 0 (skip) with a single CPU."""
+    return len(ALL_CPUS) if len(ALL_CPUS) >= 2 else 0
 
 
 def pct(values: Sequence[float], q: float) -> float | None:
@@ -164,7 +206,7 @@ class Step:
     """One measured viewer count."""
 
     system: str
-    """"srsrelay" or "aiortc"."""
+    """"srsrelay", "aiortc" or "workers"."""
     kbit: int
     """Publisher video bitrate, kbit/s."""
     viewers: int
@@ -205,6 +247,9 @@ class Step:
     publisher_fps: float | None = None
     """Video frames per second the relay received from the publisher in the window
     (srsrelay: /api/v1/streams); a busy machine can make ffmpeg fall below PUBLISHER_FPS."""
+    processes: int = 1
+    """Processes whose CPU, CPU wait and RSS are summed (workers: the relay and its
+    worker processes, as found at the end of the window)."""
 
     @property
     def frames_missing_pct(self) -> float:
@@ -243,11 +288,18 @@ class Summary:
     """First step at or above SATURATED_MS (left out of the fit)."""
     viewer_limited: bool
     """Some step's viewer process was busier than VIEWER_BUSY_PCT."""
+    workers: int = 0
+    """Worker processes serving the viewers (system "workers"), else 0."""
+    viewers_per_machine: float | None = None
+    """workers: 1000 * workers / slope, each worker at most one core."""
 
 
-def summarize(system: str, kbit: int, steps: list[Step]) -> Summary:
-    fit = [s for s in steps if s.cpu_ms_per_s < SATURATED_MS and not s.degraded]
-    saturated = next((s.viewers for s in steps if s.cpu_ms_per_s >= SATURATED_MS), None)
+def summarize(system: str, kbit: int, steps: list[Step], workers: int = 0) -> Summary:
+    """Least squares over `steps`; `workers`: the worker processes that serve the viewers
+    (their CPU is summed, so a step saturates at SATURATED_MS per worker)."""
+    limit = SATURATED_MS * max(1, workers)
+    fit = [s for s in steps if s.cpu_ms_per_s < limit and not s.degraded]
+    saturated = next((s.viewers for s in steps if s.cpu_ms_per_s >= limit), None)
     degraded = next((s.viewers for s in steps if s.degraded), None)
     cpu = least_squares([s.connected for s in fit], [s.cpu_ms_per_s for s in fit])
     rss = least_squares([s.connected for s in fit], [s.rss_kb for s in fit])
@@ -267,6 +319,8 @@ def summarize(system: str, kbit: int, steps: list[Step]) -> Summary:
         handshake_p95_ms=pct(handshakes, 0.95),
         saturated_at=saturated,
         viewer_limited=any(s.viewer_cpu_pct > VIEWER_BUSY_PCT for s in steps),
+        workers=workers,
+        viewers_per_machine=1000 * workers / slope if workers and slope and slope > 0 else None,
     )
 
 
@@ -281,6 +335,45 @@ class Server:
     pid: int
     whep_url: str
     rtc_stats_url: str | None
+    workers_url: str | None = None
+    """workers: GET /api/v1/workers, for the worker processes' pids."""
+
+    @property
+    def pinned(self) -> bool:
+        """The server is on RELAY_CPU and the load generator on OTHER_CPU."""
+        return self.workers_url is None
+
+
+async def server_pids(server: Server) -> list[int]:
+    """The server's processes: itself, then (workers) each running worker process, which is
+    pinned to worker_cpu(index) here (a restarted worker has a new pid)."""
+    if server.workers_url is None:
+        return [server.pid]
+    async with aiohttp.ClientSession() as http, http.get(server.workers_url) as resp:
+        data = await resp.json()
+    pids = [server.pid]
+    for worker in data["workers"]["workers"]:
+        pid = worker.get("pid")
+        if pid is None or worker.get("state") == "down":
+            continue
+        with contextlib.suppress(OSError):
+            pin(int(pid), worker_cpu(int(worker["index"])))
+            pids.append(int(pid))
+    return pids
+
+
+def _per_pid(pids: Sequence[int], read: Callable[[int], float]) -> dict[int, float]:
+    """read(pid) for each pid still running."""
+    values = {}
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            values[pid] = read(pid)
+    return values
+
+
+def _delta(before: dict[int, float], after: dict[int, float]) -> float:
+    """Growth of a per-process counter, summed; a process started since counts from 0."""
+    return sum(value - before.get(pid, 0.0) for pid, value in after.items())
 
 
 async def _rtc_stats(server: Server) -> dict[str, Any] | None:
@@ -319,13 +412,39 @@ async def _video_frames_in(server: Server) -> int | None:
     return None
 
 
-def _media_counts(rtc: dict[str, Any] | None) -> tuple[int, int]:
-    """(attempted, dropped) media sends of the relay so far."""
+def _rtc_parts(rtc: dict[str, Any] | None) -> dict[int, dict[str, Any]]:
+    """The single-process rtc reports in a /api/v1/rtc "rtc" object, by worker index: the
+    relay's own (index 0), or each worker's that answered (worker processes)."""
     if rtc is None:
-        return 0, 0
-    media = rtc["send"]["kinds"].get("media", {})
-    dropped = sum(v for k, v in media.items() if k.startswith("dropped") or k == "errors")
-    return int(media.get("attempted", 0)), int(dropped)
+        return {}
+    if "workers" not in rtc:
+        return {0: rtc}
+    return {int(w["worker"]): w["rtc"] for w in rtc["workers"] if isinstance(w.get("rtc"), dict)}
+
+
+def _media_counts(rtc: dict[str, Any] | None) -> tuple[int, int]:
+    """(attempted, dropped) media sends of the relay so far, summed over its workers."""
+    attempted = dropped = 0
+    for part in _rtc_parts(rtc).values():
+        media = part["send"]["kinds"].get("media", {})
+        attempted += int(media.get("attempted", 0))
+        dropped += sum(int(v) for k, v in media.items() if k.startswith("dropped") or k == "errors")
+    return attempted, dropped
+
+
+def _media_window(before: dict[str, Any] | None, after: dict[str, Any]) -> tuple[int, int]:
+    """(attempted, dropped) media sends between two /api/v1/rtc snapshots, per worker; a
+    worker whose counters went back (it was restarted) counts from 0."""
+    old = _rtc_parts(before)
+    attempted = dropped = 0
+    for index, part in _rtc_parts(after).items():
+        a1, d1 = _media_counts(part)
+        a0, d0 = _media_counts(old.get(index))
+        if a1 < a0 or d1 < d0:
+            a0 = d0 = 0
+        attempted += a1 - a0
+        dropped += d1 - d0
+    return attempted, dropped
 
 
 class ViewerProcess:
@@ -336,12 +455,16 @@ class ViewerProcess:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def run(cls, url: str, count: int) -> AsyncIterator[ViewerProcess]:
+    async def run(cls, url: str, count: int, pinned: bool = True) -> AsyncIterator[ViewerProcess]:
+        """`pinned`: on OTHER_CPU, else on any CPU."""
         args = [sys.executable, str(LIGHTVIEWER), "--url", url, "--count", str(count)]
-        if pinning():
+        if pinning() and pinned:
             args += ["--cpu", str(OTHER_CPU)]
         proc = await asyncio.create_subprocess_exec(
-            *args, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+            *args,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            preexec_fn=None if pinned else on_any_cpu(),
         )
         try:
             yield cls(proc)
@@ -381,7 +504,7 @@ async def measure_step(server: Server, kbit: int, n: int, args: argparse.Namespa
         await asyncio.sleep(args.warmup)
         await _window(server, step, args.window, None)
         return step
-    async with ViewerProcess.run(server.whep_url, n) as viewers:
+    async with ViewerProcess.run(server.whep_url, n, server.pinned) as viewers:
         ready = await viewers.event("ready", READY_TIMEOUT + 0.2 * n)
         step.connected, step.failed = ready["connected"], ready["failed"]
         step.errors, step.handshake_ms = ready["errors"], ready["handshake_ms"]
@@ -398,16 +521,20 @@ async def _window(
     frames_before = await _video_frames_in(server)
     if viewers is not None:
         await viewers.command("mark", "marked")
-    cpu0, t0 = cpu_seconds(server.pid), time.monotonic()
-    wait0 = runqueue_wait_seconds(server.pid)
+    pids = await server_pids(server)
+    cpu0, t0 = _per_pid(pids, cpu_seconds), time.monotonic()
+    wait0 = _per_pid(pids, runqueue_wait_seconds)
     await asyncio.sleep(seconds)
-    cpu1, t1 = cpu_seconds(server.pid), time.monotonic()
-    step.wait_ms_per_s = 1000 * (runqueue_wait_seconds(server.pid) - wait0) / (t1 - t0)
+    pids = await server_pids(server)
+    cpu1, t1 = _per_pid(pids, cpu_seconds), time.monotonic()
+    wait1 = _per_pid(pids, runqueue_wait_seconds)
+    step.wait_ms_per_s = 1000 * _delta(wait0, wait1) / (t1 - t0)
     frames_after = await _video_frames_in(server)
     if frames_before is not None and frames_after is not None:
         step.publisher_fps = (frames_after - frames_before) / (t1 - t0)
-    step.rss_kb = rss_kb(server.pid)
-    step.cpu_ms_per_s = 1000 * (cpu1 - cpu0) / (t1 - t0)
+    step.rss_kb = int(sum(_per_pid(pids, rss_kb).values()))
+    step.processes = len(cpu1)
+    step.cpu_ms_per_s = 1000 * _delta(cpu0, cpu1) / (t1 - t0)
     if viewers is not None:
         report = await viewers.command("report", "report")
         tracks = report["tracks"]
@@ -424,23 +551,41 @@ async def _window(
             delta = count - dropped_before.get(sid, {}).get(reason, 0)
             step.relay_frames_dropped[reason] = step.relay_frames_dropped.get(reason, 0) + delta
     if after is not None:
-        a0, d0 = _media_counts(before)
-        a1, d1 = _media_counts(after)
-        step.send_drop_pct = 100 * (d1 - d0) / (a1 - a0) if a1 > a0 else 0.0
+        attempted, dropped = _media_window(before, after)
+        step.send_drop_pct = 100 * dropped / attempted if attempted > 0 else 0.0
         step.latency_p50_ms, step.latency_p99_ms = _latency_window(before, after)
+
+
+def _video_counts(rtc: dict[str, Any] | None) -> list[int] | None:
+    """The video latency histogram's counts of one single-process rtc report."""
+    if rtc is None:
+        return None
+    try:
+        return [int(c) for c in rtc[LATENCY_FIELD]["video"]["counts"]]
+    except (KeyError, TypeError):
+        return None
 
 
 def _latency_window(
     before: dict[str, Any] | None, after: dict[str, Any]
 ) -> tuple[float | None, float | None]:
-    """Video p50/p99 (ms) of the frames sent between two /api/v1/rtc snapshots."""
-    try:
-        counts = after[LATENCY_FIELD]["video"]["counts"]
-        old = before[LATENCY_FIELD]["video"]["counts"] if before else [0] * len(counts)
-    except (KeyError, TypeError):
-        return None, None
+    """Video p50/p99 (ms) of the frames sent between two /api/v1/rtc snapshots. With worker
+    processes the workers' windows are added bucket by bucket (the buckets are the same
+    constant, srsrelay/webrtc/latency.py; a report of another length is left out)."""
     window = LatencyHistogram()
-    window.counts = [a - b for a, b in zip(counts, old, strict=True)]
+    old = _rtc_parts(before)
+    found = False
+    for index, part in _rtc_parts(after).items():
+        counts = _video_counts(part)
+        if counts is None or len(counts) != len(window.counts):
+            continue
+        base = _video_counts(old.get(index)) or [0] * len(counts)
+        if len(base) != len(counts) or any(a < b for a, b in zip(counts, base, strict=True)):
+            base = [0] * len(counts)  # restarted: its histogram began again
+        window.counts = [w + a - b for w, a, b in zip(window.counts, counts, base, strict=True)]
+        found = True
+    if not found:
+        return None, None
     window.total = sum(window.counts)
     p50, p99 = window.percentile(0.5), window.percentile(0.99)
     return (
@@ -462,13 +607,16 @@ def video_args(kbit: int) -> list[str]:
     ]
 
 
-def start_bench_relay(tmp: Path, max_viewers: int) -> RelayProcess:
-    """The relay on loopback, with the per-IP WHEP rate limit off (all viewers share an IP)."""
-    return start_relay(
-        tmp,
-        f"max_viewers = {max(max_viewers, 1)}",
-        env={"SRSRELAY_HTTP_WHEP_RATE_LIMIT": "0"},
-    )
+def start_bench_relay(tmp: Path, max_viewers: int, workers: int = 1) -> RelayProcess:
+    """The relay on loopback, with the per-IP WHEP rate limit off (all viewers share an IP);
+    `workers` > 1: that many worker processes, each on a free RTC port."""
+    extra = f"max_viewers = {max(max_viewers, 1)}\n"
+    env = {"SRSRELAY_HTTP_WHEP_RATE_LIMIT": "0"}
+    if workers > 1:
+        extra += f"[daemon]\nworkers = {workers}\n"
+        # Workers take rtc.port + k; the ports after the free one need not be free.
+        env["SRSRELAY_RTC_PORT"] = "0"
+    return start_relay(tmp, extra, env=env)
 
 
 @contextlib.asynccontextmanager
@@ -494,6 +642,54 @@ async def srsrelay_server(kbit: int, max_viewers: int) -> AsyncIterator[Server]:
         finally:
             await _terminate(publisher)
             await asyncio.to_thread(_stop_relay, relay)
+
+
+@contextlib.asynccontextmanager
+async def workers_server(kbit: int, max_viewers: int, workers: int) -> AsyncIterator[Server]:
+    """srsrelay with `workers` worker processes. Each worker is pinned to worker_cpu(index)
+    (server_pids); the relay, the publisher and the viewers run on any CPU."""
+    with tempfile.TemporaryDirectory(prefix="srsrelay-workers-") as tmp:
+        relay = await asyncio.to_thread(start_bench_relay, Path(tmp), max_viewers, workers)
+        unpin(relay.proc.pid)
+        publisher = await asyncio.create_subprocess_exec(
+            *ffmpeg_publish_args(relay.rtmp_url("live/test"), "1280x720", video_args(kbit)),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=on_any_cpu(),
+        )
+        try:
+            await wait_live(relay, "live/test")
+            server = Server(
+                "workers",
+                relay.proc.pid,
+                f"{relay.http}/whep/live/test",
+                f"{relay.http}/api/v1/rtc",
+                f"{relay.http}/api/v1/workers",
+            )
+            running = len(await server_pids(server)) - 1
+            if running != workers:
+                raise RuntimeError(
+                    f"{running} of {workers} worker processes run (see {relay.log_path})"
+                )
+            yield server
+        finally:
+            await _terminate(publisher)
+            await asyncio.to_thread(_stop_relay, relay)
+
+
+@contextlib.contextmanager
+def _any_cpu() -> Iterator[None]:
+    """This script's main thread on any CPU for a while (it shares the cores)."""
+    if not pinning():
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, set(ALL_CPUS))
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def _stop_relay(relay: RelayProcess) -> None:
@@ -615,21 +811,31 @@ def serve_aiortc(http_port: int, source: str) -> None:
 async def run_system(
     system: str, kbit: int, steps: list[int], args: argparse.Namespace
 ) -> list[Step]:
-    factory = srsrelay_server(kbit, max(steps)) if system == "srsrelay" else aiortc_server(kbit)
+    factory: contextlib.AbstractAsyncContextManager[Server]
+    if system == "srsrelay":
+        factory = srsrelay_server(kbit, max(steps))
+    elif system == "workers":
+        factory = workers_server(kbit, max(steps), args.workers)
+    else:
+        factory = aiortc_server(kbit)
     results = []
-    async with factory as server:
-        for n in steps:
-            step = await measure_step(server, kbit, n, args)
-            results.append(step)
-            print(f"  {system} {kbit} kbit/s, {n} viewers: {_step_line(step)}", flush=True)
+    with _any_cpu() if system == "workers" else contextlib.nullcontext():
+        async with factory as server:
+            for n in steps:
+                step = await measure_step(server, kbit, n, args)
+                results.append(step)
+                print(f"  {system} {kbit} kbit/s, {n} viewers: {_step_line(step)}", flush=True)
     return results
 
 
 def _step_line(s: Step) -> str:
-    return (
+    line = (
         f"{s.connected} connected, {s.cpu_ms_per_s:.0f} ms/s CPU, {s.rss_kb / 1024:.1f} MB,"
         f" loss {s.loss_pct:.2f}%, viewers' CPU {s.viewer_cpu_pct:.0f}%"
     )
+    if s.system == "workers":
+        line += f" ({s.processes} processes summed)"
+    return line
 
 
 def _fmt(value: float | None, spec: str = ".0f") -> str:
@@ -664,7 +870,7 @@ def steps_table(steps: list[Step]) -> str:
                 _fmt(s.send_drop_pct, ".2f"),
                 _fmt(s.kbit_per_viewer),
                 f"{_fmt(s.video_fps, '.1f')} / {_fmt(s.publisher_fps, '.1f')}",
-                str(sum(s.relay_frames_dropped.values())) if s.system == "srsrelay" else "n/a",
+                str(sum(s.relay_frames_dropped.values())) if s.system != "aiortc" else "n/a",
                 f"{_fmt(pct(s.handshake_ms, 0.5))} / {_fmt(pct(s.handshake_ms, 0.95))}",
                 f"{_fmt(s.latency_p50_ms, '.1f')} / {_fmt(s.latency_p99_ms, '.1f')}",
                 _fmt(s.viewer_cpu_pct),
@@ -688,6 +894,8 @@ def summary_table(summaries: list[Summary]) -> str:
             notes.append(f"frames missing from N={s.degraded_at}")
         if s.viewer_limited:
             notes.append("viewer process busy: loss may be its own")
+        if s.workers:
+            notes.append(f"{s.workers} workers: {_fmt(s.viewers_per_machine)} viewers per machine")
         rows.append(
             [
                 s.system,
@@ -742,7 +950,27 @@ def verdicts(summaries: list[Summary]) -> list[str]:
                 f"{s.kbit} kbit/s: srsrelay/aiortc viewers per core ="
                 f" {s.viewers_per_core / base.viewers_per_core:.1f}x"
             )
+    for s in summaries:
+        if s.system == "workers":
+            lines.append(workers_verdict(s, by_key.get(("srsrelay", s.kbit))))
     return lines
+
+
+def workers_verdict(s: Summary, single: Summary | None) -> str:
+    """The issue's target for worker processes: viewers per machine against the
+    single-process viewers per core at the same bitrate."""
+    head = f"workers (K={s.workers}) at {s.kbit} kbit/s: "
+    if s.viewers_per_machine is None:
+        return head + "n/a viewers per machine (no CPU slope)"
+    head += f"{s.viewers_per_machine:.0f} viewers per machine"
+    if single is None or not single.viewers_per_core:
+        return head + " (no single-process figure at this bitrate to compare)"
+    ratio = s.viewers_per_machine / single.viewers_per_core
+    met = ratio >= WORKERS_RATIO_TARGET
+    return (
+        f"{head} = {ratio:.2f}x the single-process figure"
+        f" (target >= {WORKERS_RATIO_TARGET}x): {'met' if met else 'gap'}"
+    )
 
 
 def _ints(text: str) -> list[int]:
@@ -755,23 +983,38 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     runs = [("srsrelay", kbit, args.steps) for kbit in args.bitrates]
     if args.baseline_steps:
         runs.append(("aiortc", args.baseline_bitrate, args.baseline_steps))
+    if args.workers:
+        runs += [("workers", kbit, args.workers_steps) for kbit in args.workers_bitrates]
     for system, kbit, counts in runs:
-        print(f"{system} at {kbit} kbit/s, N = {counts}", flush=True)
+        more = f", K = {args.workers} worker processes" if system == "workers" else ""
+        print(f"{system} at {kbit} kbit/s, N = {counts}{more}", flush=True)
         got = await run_system(system, kbit, counts, args)
         steps += got
-        summaries.append(summarize(system, kbit, got))
+        summaries.append(summarize(system, kbit, got, args.workers if system == "workers" else 0))
     return {"steps": steps, "summaries": summaries}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one bitrate, N = 0, 5, 10; < 60 s")
+    parser.add_argument(
+        "--quick", action="store_true", help="one bitrate, N = 0, 5, 10 (workers: 0, 5); < 60 s"
+    )
     parser.add_argument("--bitrates", type=_ints, help="video kbit/s (default 600,2000)")
     parser.add_argument("--steps", type=_ints, help="viewer counts (default 0,25,50,100,200)")
     parser.add_argument(
         "--baseline-steps", type=_ints, help="aiortc viewer counts (default 0,10,25,50; '' skips)"
     )
     parser.add_argument("--baseline-bitrate", type=int, default=2000, help="kbit/s (2000)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=default_workers(),
+        help=f"worker processes of the workers system (default {default_workers()}:"
+        " one per CPU; 0 skips it)",
+    )
+    parser.add_argument(
+        "--workers-bitrates", type=_ints, default=[2000], help="workers system kbit/s (2000)"
+    )
     parser.add_argument("--warmup", type=float, help="seconds before each window (default 5)")
     parser.add_argument("--window", type=float, help="seconds measured per step (default 10)")
     parser.add_argument("--json", type=Path, help="also write the results here ('-': stdout)")
@@ -782,8 +1025,15 @@ def main() -> int:
     if args.serve_aiortc:
         serve_aiortc(int(args.serve_aiortc[0]), args.serve_aiortc[1])
         return 0
+    if args.workers == 1 or args.workers < 0:
+        parser.error("--workers: 0 skips the workers system, else 2 or more processes")
     quick = args.quick
-    args.bitrates = args.bitrates or ([2000] if quick else [600, 2000])
+    args.workers_steps = args.steps or ([0, 5] if quick else [0, 25, 50, 100, 200])
+    if quick:
+        args.workers_bitrates = args.workers_bitrates[:1]
+    args.bitrates = (
+        args.bitrates if args.bitrates is not None else ([2000] if quick else [600, 2000])
+    )
     args.steps = args.steps or ([0, 5, 10] if quick else [0, 25, 50, 100, 200])
     if args.baseline_steps is None:
         args.baseline_steps = [0, 5] if quick else [0, 10, 25, 50]
@@ -806,16 +1056,23 @@ def main() -> int:
     for line in verdicts(summaries):
         print(f"- {line}")
     has_latency = any(s.latency_p50_ms is not None for s in steps)
-    print(
-        f"\nrelay on CPU {RELAY_CPU}, everything else on CPU {OTHER_CPU};"
-        f" load average {load:.2f} at start; {time.monotonic() - started:.0f} s;"
-        f" warm-up {args.warmup:g} s, window {args.window:g} s; latency: "
-        + (
-            f"rtc.{LATENCY_FIELD}"
-            if has_latency
-            else f"n/a (no rtc.{LATENCY_FIELD} in /api/v1/rtc)"
-        )
+    pinned = any(s.system != "workers" for s in steps)
+    latency = (
+        f"rtc.{LATENCY_FIELD}" if has_latency else f"n/a (no rtc.{LATENCY_FIELD} in /api/v1/rtc)"
     )
+    print(
+        "\n"
+        + (f"relay on CPU {RELAY_CPU}, everything else on CPU {OTHER_CPU}; " if pinned else "")
+        + f"load average {load:.2f} at start; {time.monotonic() - started:.0f} s;"
+        f" warm-up {args.warmup:g} s, window {args.window:g} s; latency: {latency}"
+    )
+    if any(s.system == "workers" for s in steps):
+        print(
+            f"workers: worker k on CPU k % {len(ALL_CPUS)}; the relay (ingest) process, the"
+            " publisher, the viewers and this script unpinned: the load generator shares the"
+            f" cores. CPU, CPU wait and RSS: the relay process + its {args.workers} workers,"
+            " summed; send drops and latency: merged over the workers"
+        )
     if args.json is not None:
         data = {
             "steps": [asdict(s) for s in steps],

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench import lightviewer, viewers
+from srsrelay.webrtc.latency import BUCKET_BOUNDS_MS
 from srsrelay.webrtc.rtcp import ReportPacket, parse_rtcp
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,6 +88,88 @@ def test_least_squares_and_summary() -> None:
     assert s.saturated_at == 300
 
 
+def _rtc(attempted: int, dropped: int, counts: list[int]) -> dict[str, object]:
+    """A single-process /api/v1/rtc "rtc" object, reduced to what the bench reads."""
+    return {
+        "send": {"kinds": {"media": {"attempted": attempted, "dropped_full": dropped}}},
+        "latency": {"video": {"counts": counts}},
+    }
+
+
+def _counts(**by_bucket: int) -> list[int]:
+    counts = [0] * (len(BUCKET_BOUNDS_MS) + 1)
+    for name, n in by_bucket.items():
+        counts[int(name[1:])] = n
+    return counts
+
+
+def test_media_and_latency_windows_of_one_process() -> None:
+    before = _rtc(100, 1, _counts(b3=10))
+    after = _rtc(300, 3, _counts(b3=10, b20=50))
+    assert viewers._media_counts(after) == (300, 3)
+    assert viewers._media_window(before, after) == (200, 2)
+    # Only the window's frames count: all 50 are in bucket 20.
+    assert viewers._latency_window(before, after) == (BUCKET_BOUNDS_MS[20], BUCKET_BOUNDS_MS[20])
+    assert viewers._latency_window(None, {"send": {}}) == (None, None)
+
+
+def test_media_and_latency_windows_merge_the_workers() -> None:
+    def pooled(*parts: dict[str, object] | None) -> dict[str, object]:
+        workers = [{"worker": k, "rtc": part} for k, part in enumerate(parts)]
+        return {"sessions": 0, "workers": workers}
+
+    before = pooled(_rtc(100, 0, _counts(b10=5)), _rtc(1000, 10, _counts(b30=7)))
+    # Worker 1 was restarted: its counters began again, so they count from 0.
+    after = pooled(_rtc(200, 4, _counts(b10=104)), _rtc(50, 1, _counts(b30=1)), None)
+    assert viewers._media_counts(after) == (250, 5)
+    assert viewers._media_window(before, after) == (150, 5)
+    # 99 frames of worker 0 in bucket 10 and 1 of worker 1 in bucket 30, added.
+    p50, p99 = viewers._latency_window(before, after)
+    assert (p50, p99) == (BUCKET_BOUNDS_MS[10], BUCKET_BOUNDS_MS[10])
+    after = pooled(_rtc(200, 4, _counts(b10=5)), _rtc(1000, 10, _counts(b30=107)))
+    assert viewers._latency_window(before, after) == (BUCKET_BOUNDS_MS[30], BUCKET_BOUNDS_MS[30])
+
+
+def test_workers_summary_and_verdict() -> None:
+    steps = [
+        viewers.Step("workers", 2000, n, connected=n, cpu_ms_per_s=200 + 5 * n)
+        for n in (0, 100, 200)
+    ]
+    # 1200 ms/s is more than one core, not more than two: not saturated with two workers.
+    steps.append(viewers.Step("workers", 2000, 300, connected=300, cpu_ms_per_s=1850))
+    s = viewers.summarize("workers", 2000, steps, workers=2)
+    assert s.saturated_at == 300
+    assert s.viewers_per_core == pytest.approx(200.0)
+    assert s.viewers_per_machine == pytest.approx(400.0)
+    single = viewers.summarize(
+        "srsrelay",
+        2000,
+        [viewers.Step("srsrelay", 2000, n, connected=n, cpu_ms_per_s=50 + 4 * n) for n in (0, 50)],
+    )
+    assert single.viewers_per_machine is None
+    assert viewers.workers_verdict(s, single) == (
+        "workers (K=2) at 2000 kbit/s: 400 viewers per machine = 1.60x the single-process"
+        " figure (target >= 1.8x): gap"
+    )
+    assert viewers.workers_verdict(s, None) == (
+        "workers (K=2) at 2000 kbit/s: 400 viewers per machine"
+        " (no single-process figure at this bitrate to compare)"
+    )
+
+
+def test_one_worker_is_refused() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "viewers.py"), "--workers", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.endswith(
+        "error: --workers: 0 skips the workers system, else 2 or more processes\n"
+    )
+
+
 @pytest.mark.integration
 def test_quick_run_prints_a_sane_table(tmp_path: Path) -> None:
     out = tmp_path / "viewers.json"
@@ -117,3 +200,22 @@ def test_quick_run_prints_a_sane_table(tmp_path: Path) -> None:
     assert summary["ms_per_viewer_s"] > 0 and summary["viewers_per_core"] > 0
     baseline = {s["viewers"]: s for s in data["steps"] if s["system"] == "aiortc"}
     assert baseline[5]["connected"] == 5 and baseline[5]["kbit_per_viewer"] > 1000
+    if viewers.default_workers() < 2:
+        return  # one CPU: no workers system
+    # The workers system: K worker processes plus the relay, every viewer served.
+    workers = {s["viewers"]: s for s in data["steps"] if s["system"] == "workers"}
+    assert sorted(workers) == [0, 5]
+    assert workers[5]["connected"] == 5 and workers[5]["failed"] == 0
+    assert workers[5]["starved"] == 0 and 1000 < workers[5]["kbit_per_viewer"] < 4000
+    k = viewers.default_workers()
+    assert {s["processes"] for s in workers.values()} == {1 + k}
+    assert workers[5]["cpu_ms_per_s"] > workers[0]["cpu_ms_per_s"] > 0
+    # Three processes of Python: more than the single process's RSS.
+    assert workers[0]["rss_kb"] > relay[0]["rss_kb"]
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ")]
+    table = [[c.strip() for c in row] for row in rows if row[0].strip() == "workers"]
+    assert [(r[2], r[3]) for r in table if len(r) == 15] == [("0", "0"), ("5", "5")]
+    summary = next(s for s in data["summaries"] if s["system"] == "workers")
+    assert summary["workers"] == k and summary["viewers_per_machine"] > 0
+    line = next(x for x in proc.stdout.splitlines() if x.startswith(f"- workers (K={k}) at 2000"))
+    assert "viewers per machine = " in line and line.endswith(("met", "gap"))
