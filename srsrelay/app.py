@@ -17,7 +17,7 @@ from srsrelay.metrics import Metrics
 from srsrelay.reload import ReloadPlan, plan_reload
 from srsrelay.rtmp.server import RtmpServer
 from srsrelay.webrtc.server import RtcServer
-from srsrelay.workers.pool import WorkerPool
+from srsrelay.workers.pool import WorkerPool, WorkerStartError
 
 log = structlog.get_logger(__name__)
 
@@ -93,7 +93,10 @@ class Relay:
             if self.pool is not None:
                 self.hub.tap = self.pool
                 self._started.append(("workers", self.pool.stop))
-                await self.pool.start()
+                try:
+                    await self.pool.start()
+                except WorkerStartError as exc:
+                    raise StartError(f"daemon.workers: {exc}") from None
             else:
                 await _listen("rtc.port", cfg.rtc.listen, cfg.rtc.port, self.rtc.start)
                 self._started.append(("rtc", self.rtc.stop))

@@ -448,6 +448,12 @@ def validate(config: Config) -> None:
     rtc = config.rtc
     _ip("rtc.listen", rtc.listen)
     _port("rtc.port", rtc.port)
+    workers = worker_count(config.daemon)
+    if workers > 1 and rtc.port and rtc.port + workers - 1 > 65535:
+        raise ConfigError(
+            f"rtc.port: {workers} worker processes (daemon.workers) take ports "
+            f"{rtc.port}-{rtc.port + workers - 1}, beyond 65535; lower rtc.port"
+        )
     _non_empty("rtc.candidates", rtc.candidates)
     for i, candidate in enumerate(rtc.candidates):
         _candidate(f"rtc.candidates[{i}]", candidate)

@@ -14,6 +14,8 @@ import re
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,7 +24,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import Publisher, RelayProcess, start_relay, wait_live
+from tests.conftest import ROOT, Publisher, RelayProcess, start_relay, wait_live
 from tests.test_hooks import HookServer, running_hook_server
 from tests.whep_client import WhepViewer
 
@@ -331,3 +333,31 @@ async def test_a_reload_reaches_the_workers(
             headers={"Content-Type": "application/sdp"},
         ) as resp:
             assert resp.status == 401
+
+
+def test_a_worker_that_cannot_start_stops_the_relay_with_a_clear_error(tmp_path: Path) -> None:
+    busy = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    busy.bind(("127.0.0.1", 0))
+    base = busy.getsockname()[1] - 1  # worker 1 would take the busy port
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        f'[daemon]\nworkers = 2\n[log]\nformat = "json"\n'
+        f'[rtmp]\nlisten = "127.0.0.1"\nport = 0\n[http]\nlisten = "127.0.0.1"\nport = 0\n'
+        f'[rtc]\nlisten = "127.0.0.1"\nport = {base}\n'
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "srsrelay", "-c", str(config)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        busy.close()
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert (
+        f"srsrelay: daemon.workers: worker 1 exited while starting (exit code 1); see its log "
+        f"lines above, e.g. its RTC port {base + 1} in use (rtc.port + 1)"
+    ) in done.stderr
+    assert f"cannot bind rtc.listen=127.0.0.1 rtc.port={base + 1}" in done.stderr

@@ -187,3 +187,16 @@ def test_a_worker_behind_loses_whole_frames_until_the_next_keyframe(
         (MediaKind.VIDEO, True),
         (MediaKind.VIDEO, False),
     ]
+
+
+def test_worker_ports_must_fit_below_65536() -> None:
+    from srsrelay.config import RtcConfig, validate
+
+    rtc = dataclasses.replace(RtcConfig(), port=65534)
+    with pytest.raises(ConfigError) as exc:
+        validate(Config(daemon=DaemonConfig(workers="4"), rtc=rtc))
+    assert str(exc.value) == (
+        "rtc.port: 4 worker processes (daemon.workers) take ports 65534-65537, beyond 65535; "
+        "lower rtc.port"
+    )
+    validate(Config(daemon=DaemonConfig(workers="2"), rtc=rtc))  # 65534-65535 fit

@@ -58,6 +58,8 @@ RESTART_DELAY_MAX = 10.0
 """Longest wait before a restart."""
 STABLE_AFTER = 30.0
 """A worker that ran this long before dying is restarted after RESTART_DELAY again."""
+LINK_GRACE = 1.0
+"""Seconds a worker whose socket closed has to exit by itself before it is killed."""
 API_TIMEOUT = 2.0
 """Seconds the API waits for one worker's answer; a worker that does not answer is
 reported as unreachable."""
@@ -113,6 +115,10 @@ class Forwarded:
     """Headers to pass on (hop-by-hop and CORS headers removed)."""
     session: str | None
     """The viewer session the request created (POST), else None."""
+
+
+class WorkerStartError(Exception):
+    """A worker did not start; the message says which and what to look at."""
 
 
 class WorkerUnavailable(Exception):
@@ -241,6 +247,8 @@ class WorkerPool:
         """Wire id of a rendition -> wire id of the stream it was made from."""
         self._next_id = 1
         self._stopping = False
+        self._starting = True
+        """Until every worker was ready once: a worker that dies then fails the start."""
         self._monitor: asyncio.Task[None] | None = None
         self.viewers_lost = 0
         """Viewer sessions ended because their worker died."""
@@ -251,7 +259,7 @@ class WorkerPool:
 
     async def start(self) -> None:
         """Listen on a private unix socket and start the workers; returns once every
-        worker is ready (raises RuntimeError naming the worker if one is not)."""
+        worker is ready (raises WorkerStartError naming the worker if one is not)."""
         self._dir = tempfile.mkdtemp(prefix="srsrelay-")
         os.chmod(self._dir, 0o700)
         loop = asyncio.get_running_loop()
@@ -268,12 +276,20 @@ class WorkerPool:
         deadline = self._clock() + READY_TIMEOUT
         for worker in self.workers:
             while worker.state is not WorkerState.READY:
+                process = worker.process
+                if process is not None and process.returncode is not None:
+                    raise WorkerStartError(
+                        f"worker {worker.index} exited while starting (exit code "
+                        f"{process.returncode}); see its log lines above, e.g. its RTC "
+                        f"port {self._port_of(worker)} in use (rtc.port + {worker.index})"
+                    )
                 if self._clock() > deadline:
-                    raise RuntimeError(
+                    raise WorkerStartError(
                         f"worker {worker.index} did not start within {READY_TIMEOUT:g} s "
                         f"(see its log lines above)"
                     )
                 await asyncio.sleep(0.05)
+        self._starting = False
         log.info(
             "workers ready",
             workers=self.count,
@@ -352,10 +368,14 @@ class WorkerPool:
         )
         log.info("worker started", worker=worker.index, pid=worker.process.pid)
 
+    def _port_of(self, worker: Worker) -> int | str:
+        port = self.config.rtc.port
+        return port + worker.index if port else "(any)"
+
     async def _watch_exit(self, worker: Worker, process: asyncio.subprocess.Process) -> None:
         code = await process.wait()
-        if self._stopping:
-            return
+        if self._stopping or self._starting:
+            return  # start() reports a worker that dies while starting
         self.deaths["exited"] += 1
         log.error(
             "worker died",
@@ -486,10 +506,16 @@ class WorkerPool:
         worker.link = None
         process = worker.process
         if not self._stopping and process is not None and process.returncode is None:
-            self.deaths["protocol"] += 1
-            log.error("worker link lost; killing it", worker=worker.index, pid=process.pid)
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()  # _watch_exit accounts for its viewers and restarts it
+            # A worker that failed closes its socket as it exits: give it that moment.
+            asyncio.get_running_loop().call_later(LINK_GRACE, self._kill_unlinked, worker, process)
+
+    def _kill_unlinked(self, worker: Worker, process: asyncio.subprocess.Process) -> None:
+        if self._stopping or process.returncode is not None or worker.process is not process:
+            return
+        self.deaths["protocol"] += 1
+        log.error("worker link lost; killing it", worker=worker.index, pid=process.pid)
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()  # _watch_exit accounts for its viewers and restarts it
 
     def _sync(self, worker: Worker) -> None:
         """A worker became ready: describe every stream and send its current GOP."""

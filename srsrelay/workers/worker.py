@@ -269,7 +269,12 @@ async def run(socket_path: str, index: int, http_path: str) -> int:
         log.warning("ingest process went away; stopping", worker=index)
 
     code = 0
-    await relay.start(writer)
+    try:
+        await relay.start(writer)
+    except OSError as exc:
+        log.error("worker failed to start", worker=index, error=str(exc))
+        await relay.stop()
+        return 1
     tasks = [
         asyncio.create_task(heartbeat(), name="heartbeat"),
         asyncio.create_task(feed(), name="feed"),
@@ -277,9 +282,9 @@ async def run(socket_path: str, index: int, http_path: str) -> int:
     ]
     done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     for task in done:
-        exc = task.exception()
-        if exc is not None:
-            log.error("worker failed", worker=index, error=repr(exc))
+        failure = task.exception()
+        if failure is not None:
+            log.error("worker failed", worker=index, error=repr(failure))
             code = 1
     for task in tasks:
         task.cancel()
