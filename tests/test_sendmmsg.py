@@ -94,7 +94,7 @@ class ScriptedSendmmsg:
     def __init__(self, budget: int, err: int) -> None:
         binding = sendpath._c_binding()
         assert binding is not None and binding.sendmmsg is not None
-        self.binding = sendpath._CBinding(binding.ffi, self)
+        self.binding = sendpath._CBinding(binding.ffi, self, None)  # batches: no UDP_SEGMENT
         self._ffi = binding.ffi
         self._real = binding.sendmmsg
         self.budget = budget
@@ -115,6 +115,119 @@ def _scripted(monkeypatch: pytest.MonkeyPatch, budget: int, err: int) -> Scripte
     scripted = ScriptedSendmmsg(budget, err)
     monkeypatch.setattr(sendpath, "_c_binding", lambda: scripted.binding)
     return scripted
+
+
+class ScriptedSendmsg:
+    """libc's sendmsg for UDP_SEGMENT sends, failing the first `failures` calls with `err`."""
+
+    def __init__(self, failures: int, err: int) -> None:
+        binding = sendpath._c_binding()
+        assert binding is not None and binding.sendmsg is not None
+        self.binding = sendpath._CBinding(binding.ffi, binding.sendmmsg, self)
+        self._ffi = binding.ffi
+        self._real = binding.sendmsg
+        self.failures = failures
+        self.err = err
+        self.calls = 0
+
+    def __call__(self, fd: int, hdr: Any, flags: int) -> int:
+        self.calls += 1
+        if self.failures > 0:
+            self.failures -= 1
+            self._ffi.errno = self.err
+            return -1
+        sent: int = self._real(fd, hdr, flags)
+        return sent
+
+
+def _frame_datagrams() -> list[bytes]:
+    """A video frame's packets: all of one size but the last, which is shorter."""
+    return [bytes([i]) * 1210 for i in range(6)] + [b"\xff" * 700]
+
+
+def test_a_frame_of_equal_size_packets_is_one_segmented_send(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    tx, rx = pair
+    path = SendPath(tx)
+    assert path.stats()["segmentation"] is True
+    viewer = SendCounters("ab12")
+    datagrams = _frame_datagrams()
+    assert path.send_staged(_stage(path, datagrams), _addr(rx), MEDIA, viewer) == 7
+    assert (path.send_calls, path.segmented_sends) == (1, 1)
+    # The kernel split it back into the same datagrams, in order.
+    assert _received(rx, 7) == datagrams
+    assert _nothing_more(rx)
+    media = viewer.kinds[MEDIA]
+    assert (media.attempted, media.sent, media.bytes_sent) == (7, 7, sum(map(len, datagrams)))
+    _balanced(viewer, path.counters)
+    # Sizes that differ in the middle (a last one longer, too), or fewer than
+    # GSO_MIN_SEGMENTS datagrams, are a sendmmsg batch.
+    assert sendpath.GSO_MIN_SEGMENTS == 4
+    for uneven in (_datagrams(5), [b"a" * 500, b"b" * 500, b"c" * 500, b"d" * 600], [b"e"] * 3):
+        rx.settimeout(2)
+        assert path.send_staged(_stage(path, uneven), _addr(rx), MEDIA, viewer) == len(uneven)
+        assert _received(rx, len(uneven)) == uneven
+    assert (path.send_calls, path.segmented_sends) == (4, 1)
+    path.close()
+
+
+def test_segmentation_can_be_turned_off(pair: tuple[socket.socket, socket.socket]) -> None:
+    tx, rx = pair
+    path = SendPath(tx, gso=False)
+    assert path.stats()["segmentation"] is False
+    datagrams = _frame_datagrams()
+    assert path.send_staged(_stage(path, datagrams), _addr(rx), MEDIA, SendCounters("x")) == 7
+    assert (path.send_calls, path.segmented_sends) == (1, 0)
+    assert _received(rx, 7) == datagrams
+
+
+def test_a_kernel_that_refuses_segmentation_gets_batches(
+    pair: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tx, rx = pair
+    scripted = ScriptedSendmsg(failures=1, err=errno.EIO)  # no checksum offload
+    monkeypatch.setattr(sendpath, "_c_binding", lambda: scripted.binding)
+    path = SendPath(tx)
+    viewer = SendCounters("ab12")
+    datagrams = _frame_datagrams()
+    for _ in range(2):
+        assert path.send_staged(_stage(path, datagrams), _addr(rx), MEDIA, viewer) == 7
+        assert _received(rx, 7) == datagrams
+    # Tried once, then never again; every datagram counted once.
+    assert scripted.calls == 1 and path.segmented_sends == 0
+    assert path.stats()["segmentation"] is False
+    media = viewer.kinds[MEDIA]
+    assert (media.attempted, media.sent) == (14, 14)
+    _balanced(viewer, path.counters)
+
+
+async def test_a_full_socket_refuses_the_whole_segmented_send(
+    pair: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tx, rx = pair
+    scripted = ScriptedSendmsg(failures=1, err=errno.EAGAIN)
+    monkeypatch.setattr(sendpath, "_c_binding", lambda: scripted.binding)
+    path = SendPath(tx)
+    viewer = SendCounters("ab12")
+    datagrams = _frame_datagrams()
+    assert path.send_staged(_stage(path, datagrams), _addr(rx), MEDIA, viewer) == 0
+    assert path.blocked
+    media = viewer.kinds[MEDIA]
+    assert (media.attempted, media.sent, media.dropped_would_block) == (7, 0, 7)
+    _balanced(viewer, path.counters)
+    assert _nothing_more(rx)
+    # Segmentation itself still works: the next frame after the socket drained.
+    for _ in range(100):
+        if not path.blocked:
+            break
+        await asyncio.sleep(0.01)
+    assert path.send_staged(_stage(path, datagrams), _addr(rx), MEDIA, viewer) == 7
+    assert path.segmented_sends == 1
+    rx.setblocking(True)
+    rx.settimeout(2)
+    assert _received(rx, 7) == datagrams
+    path.close()
 
 
 def test_batch_leaves_in_one_system_call(pair: tuple[socket.socket, socket.socket]) -> None:

@@ -87,7 +87,26 @@ struct msghdr {
 };
 struct mmsghdr { struct msghdr msg_hdr; unsigned int msg_len; };
 int sendmmsg(int sockfd, struct mmsghdr *msgvec, unsigned int vlen, int flags);
+ssize_t sendmsg(int sockfd, const struct msghdr *msg, int flags);
 """
+SOL_UDP = 17
+UDP_SEGMENT = 103
+"""udp(7) UDP_SEGMENT (Linux 4.18, uapi/linux/udp.h): the kernel splits one buffer into
+datagrams of this size (the last may be shorter), passing the stack once for all."""
+GSO_MIN_SEGMENTS = 4
+"""Fewest datagrams sent as one UDP_SEGMENT send: below it sendmmsg costs about the same
+(bench/hotpath.py at 600 kbit/s, 2-3 packets a frame)."""
+GSO_MAX_SEGMENTS = 64
+"""Most datagrams in one UDP_SEGMENT send (UDP_MAX_SEGMENTS of older kernels)."""
+GSO_MAX_BYTES = 65_000
+"""Most bytes in one UDP_SEGMENT send (it must fit one IP packet's length field)."""
+_GSO_CMSG = struct.Struct("=QiiH")
+"""struct cmsghdr (cmsg_len, cmsg_level, cmsg_type) and the u16 segment size."""
+_GSO_CMSG_SPACE = 24
+"""CMSG_SPACE(sizeof(uint16_t)) with an 8-byte size_t."""
+_GSO_REFUSED = frozenset({errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP})
+"""What a kernel or device without UDP segmentation answers (e.g. no checksum offload):
+the path stops trying and sends batches with sendmmsg."""
 _SOCKADDR_SIZE: dict[int, int] = {socket.AF_INET: 16, socket.AF_INET6: 28}
 """sizeof(struct sockaddr_in) and sizeof(struct sockaddr_in6)."""
 _SA_FAMILY = struct.Struct("=H")
@@ -330,6 +349,8 @@ class _CBinding:
     """A cffi FFI with `_MMSG_CDEF` declared."""
     sendmmsg: Any
     """libc's sendmmsg, or None (not Linux, or a libc without it)."""
+    sendmsg: Any
+    """libc's sendmsg (for UDP_SEGMENT), or None."""
 
 
 @functools.cache
@@ -341,15 +362,17 @@ def _c_binding() -> _CBinding | None:
         return None
     ffi = cffi.FFI()
     ffi.cdef(_MMSG_CDEF)
-    sendmmsg = None
+    sendmmsg = sendmsg = None
     # `_Mmsg` writes iov_len as an unsigned long (what size_t is on Linux).
     words = ffi.sizeof("struct iovec") == 2 * ffi.sizeof("unsigned long")
     if sys.platform.startswith("linux") and words:
         try:
-            sendmmsg = ffi.dlopen(None).sendmmsg
+            libc = ffi.dlopen(None)
+            sendmmsg = libc.sendmmsg
+            sendmsg = libc.sendmsg
         except (OSError, AttributeError):
             pass
-    return _CBinding(ffi, sendmmsg)
+    return _CBinding(ffi, sendmmsg, sendmsg)
 
 
 class Staging:
@@ -398,6 +421,11 @@ class _Mmsg:
 
     __slots__ = (
         "_sendmmsg",
+        "_sendmsg",
+        "_gso_hdr",
+        "_gso_control",
+        "_gso_view",
+        "gso",
         "_ffi",
         "_iov",
         "_iov_words",
@@ -408,7 +436,7 @@ class _Mmsg:
         "_names",
     )
 
-    def __init__(self, binding: _CBinding, staging: Staging, family: int) -> None:
+    def __init__(self, binding: _CBinding, staging: Staging, family: int, gso: bool = True) -> None:
         ffi = binding.ffi
         self._ffi = ffi
         self._sendmmsg = binding.sendmmsg
@@ -431,6 +459,18 @@ class _Mmsg:
             hdr.msg_namelen = namelen
             hdr.msg_iov = self._iov + i
             hdr.msg_iovlen = 1
+        # One message over several slots' iovecs, with a UDP_SEGMENT control message.
+        self._sendmsg = binding.sendmsg
+        self.gso = gso and binding.sendmsg is not None and ffi.sizeof("size_t") == 8
+        """Equal-size datagrams go out as one UDP_SEGMENT send; False after the kernel
+        refused one (see _GSO_REFUSED)."""
+        self._gso_control = ffi.new("char[]", _GSO_CMSG_SPACE)
+        self._gso_view = memoryview(ffi.buffer(self._gso_control))
+        self._gso_hdr = ffi.new("struct msghdr *")
+        self._gso_hdr.msg_name = self._name
+        self._gso_hdr.msg_namelen = namelen
+        self._gso_hdr.msg_control = self._gso_control
+        self._gso_hdr.msg_controllen = _GSO_CMSG_SPACE
 
     def address(self, addr: tuple[str, int]) -> bool:
         """Make `addr` the destination of every message; False if it cannot be encoded
@@ -468,6 +508,39 @@ class _Mmsg:
             return sent, 0
         return 0, self._ffi.errno or errno.EIO
 
+    def send_segmented(
+        self, fd: int, start: int, count: int, lengths: list[int]
+    ) -> tuple[int, int] | None:
+        """Slots start..count-1 in one UDP_SEGMENT sendmsg when they allow it (at least
+        GSO_MIN_SEGMENTS, all of one size but the last, which may be shorter):
+        (datagrams sent, errno or 0), all or none. None: not segmentable, send them
+        another way."""
+        n = count - start
+        if n < GSO_MIN_SEGMENTS or n > GSO_MAX_SEGMENTS:
+            return None
+        size = lengths[start]
+        last = count - 1
+        if lengths[last] > size or size * n > GSO_MAX_BYTES:
+            return None
+        for i in range(start + 1, last):
+            if lengths[i] != size:
+                return None
+        words = self._iov_words
+        for i in range(start, count):
+            words[2 * i + 1] = lengths[i]
+        _GSO_CMSG.pack_into(self._gso_view, 0, 18, SOL_UDP, UDP_SEGMENT, size)
+        hdr = self._gso_hdr
+        hdr.msg_iov = self._iov + start
+        hdr.msg_iovlen = n
+        if self._sendmsg(fd, hdr, 0) >= 0:
+            return n, 0
+        err = self._ffi.errno or errno.EIO
+        if err in _GSO_REFUSED:
+            self.gso = False
+            log.info("udp segmentation refused by the kernel; sending batches", errno=err)
+            return None
+        return 0, err
+
 
 CountersFor = Callable[[tuple[str, int]], SendCounters | None]
 """Finds the counters of the viewer at a remote address, for ICMP attribution."""
@@ -489,9 +562,12 @@ class SendPath:
         control_queue: int = CONTROL_QUEUE,
         counters_for: CountersFor | None = None,
         batch: bool = True,
+        gso: bool = True,
     ) -> None:
         """`batch`: send staged batches with one sendmmsg(2) call where libc has it;
-        False (or no sendmmsg) sends them one ``sendto`` per datagram."""
+        False (or no sendmmsg) sends them one ``sendto`` per datagram. `gso`: a batch of
+        equal-size datagrams (a video frame's packets) is one UDP_SEGMENT send instead,
+        where the kernel takes it."""
         sock.setblocking(False)
         self._sock = sock
         self._sock_sendto = sock.sendto
@@ -508,7 +584,9 @@ class SendPath:
             # A subclass that overrides `send` sees every datagram: no batches bypass it.
             and type(self).send is SendPath.send
         ):
-            self._mmsg = _Mmsg(binding, self.staging, sock.family)
+            self._mmsg = _Mmsg(binding, self.staging, sock.family, gso)
+        self.segmented_sends = 0
+        """UDP_SEGMENT sends the kernel took (each several datagrams)."""
         self.send_calls = 0
         """System calls that sent (or tried to send) datagrams: sendto and sendmmsg."""
         self.counters = counters if counters is not None else SendCounters("all", log_drops=False)
@@ -701,6 +779,8 @@ class SendPath:
             "errqueue_drained": self.errqueue_drained,
             "batching": self.batching,
             "send_calls": self.send_calls,
+            "segmentation": self._mmsg is not None and self._mmsg.gso,
+            "segmented_sends": self.segmented_sends,
             "icmp_errors": _errno_names(self.icmp_by_errno),
             "icmp_unattributed": self.icmp_unattributed,
         }
@@ -783,7 +863,16 @@ class SendPath:
             self.send_calls += 1
             if batch:
                 assert mmsg is not None
-                n, err = mmsg.send(self._fd, sent, count, staging.lengths)
+                segmented = (
+                    mmsg.send_segmented(self._fd, sent, count, staging.lengths)
+                    if mmsg.gso
+                    else None
+                )
+                if segmented is not None:
+                    n, err = segmented
+                    self.segmented_sends += n > 0
+                else:
+                    n, err = mmsg.send(self._fd, sent, count, staging.lengths)
             else:
                 try:
                     self._sock_sendto(staging.views[sent][: staging.lengths[sent]], addr)
