@@ -312,10 +312,8 @@ class WorkerPool:
                 with contextlib.suppress(ProcessLookupError):
                     worker.process.send_signal(signal.SIGTERM)
         timeout = self.config.daemon.shutdown_timeout
-        for worker in self.workers:
-            process = worker.process
-            if process is None:
-                continue
+
+        async def stopped(worker: Worker, process: asyncio.subprocess.Process) -> None:
             try:
                 await asyncio.wait_for(process.wait(), timeout)
             except TimeoutError:
@@ -323,6 +321,10 @@ class WorkerPool:
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
                 await process.wait()
+
+        await asyncio.gather(
+            *(stopped(w, w.process) for w in self.workers if w.process is not None)
+        )
         for worker in self.workers:
             if worker.watcher is not None:
                 worker.watcher.cancel()
@@ -399,9 +401,15 @@ class WorkerPool:
         await self._spawn(worker)
 
     async def _watch_heartbeats(self) -> None:
+        last = self._clock()
         while True:
             await asyncio.sleep(HEARTBEAT_INTERVAL)
             now = self._clock()
+            stalled = now - last > 2 * HEARTBEAT_INTERVAL
+            last = now
+            if stalled:
+                # This loop was busy: the workers' heartbeats may be waiting to be read.
+                continue
             for worker in self.workers:
                 process = worker.process
                 if process is None or process.returncode is not None:
