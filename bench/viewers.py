@@ -259,8 +259,13 @@ class Step:
         return max(0.0, 100 * (1 - self.video_fps / sent))
 
     @property
+    def unconnected(self) -> bool:
+        """The viewers were not all ready in time: nothing was measured."""
+        return self.viewers > 0 and self.connected == 0
+
+    @property
     def degraded(self) -> bool:
-        return self.frames_missing_pct > 100 * (1 - DELIVERY_MIN)
+        return self.unconnected or self.frames_missing_pct > 100 * (1 - DELIVERY_MIN)
 
 
 @dataclass
@@ -290,6 +295,8 @@ class Summary:
     """Some step's viewer process was busier than VIEWER_BUSY_PCT."""
     workers: int = 0
     """Worker processes serving the viewers (system "workers"), else 0."""
+    unconnected_at: int | None = None
+    """First step whose viewers were not ready in time (not measured)."""
     viewers_per_machine: float | None = None
     """workers: 1000 * workers / slope, each worker at most one core."""
 
@@ -321,6 +328,7 @@ def summarize(system: str, kbit: int, steps: list[Step], workers: int = 0) -> Su
         viewer_limited=any(s.viewer_cpu_pct > VIEWER_BUSY_PCT for s in steps),
         workers=workers,
         viewers_per_machine=1000 * workers / slope if workers and slope and slope > 0 else None,
+        unconnected_at=next((s.viewers for s in steps if s.unconnected), None),
     )
 
 
@@ -505,7 +513,14 @@ async def measure_step(server: Server, kbit: int, n: int, args: argparse.Namespa
         await _window(server, step, args.window, None)
         return step
     async with ViewerProcess.run(server.whep_url, n, server.pinned) as viewers:
-        ready = await viewers.event("ready", READY_TIMEOUT + 0.2 * n)
+        within = READY_TIMEOUT + 0.2 * n
+        try:
+            ready = await viewers.event("ready", within)
+        except (TimeoutError, RuntimeError) as exc:
+            # The machine is past saturation (or the viewers broke): report, go on.
+            step.failed = n
+            step.errors = [f"viewers not all ready within {within:g} s ({exc!r})"]
+            return step
         step.connected, step.failed = ready["connected"], ready["failed"]
         step.errors, step.handshake_ms = ready["errors"], ready["handshake_ms"]
         await asyncio.sleep(args.warmup)
@@ -835,6 +850,8 @@ def _step_line(s: Step) -> str:
     )
     if s.system == "workers":
         line += f" ({s.processes} processes summed)"
+    if s.unconnected:
+        line += f"; {s.errors[0]}"
     return line
 
 
@@ -894,6 +911,8 @@ def summary_table(summaries: list[Summary]) -> str:
             notes.append(f"frames missing from N={s.degraded_at}")
         if s.viewer_limited:
             notes.append("viewer process busy: loss may be its own")
+        if s.unconnected_at is not None:
+            notes.append(f"viewers not ready in time at N={s.unconnected_at}")
         if s.workers:
             notes.append(f"{s.workers} workers: {_fmt(s.viewers_per_machine)} viewers per machine")
         rows.append(
