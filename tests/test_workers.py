@@ -361,3 +361,39 @@ def test_a_worker_that_cannot_start_stops_the_relay_with_a_clear_error(tmp_path:
         f"lines above, e.g. its RTC port {base + 1} in use (rtc.port + 1)"
     ) in done.stderr
     assert f"cannot bind rtc.listen=127.0.0.1 rtc.port={base + 1}" in done.stderr
+
+
+async def test_chromium_plays_from_a_worker_next_to_an_aiortc_viewer_on_the_other(
+    workers_relay: RelayProcess, publish: Callable[..., Publisher]
+) -> None:
+    from tests.chromium import Chromium
+    from tests.test_browser import STATS_JS, track
+
+    relay = workers_relay
+    publish(relay.rtmp_url(STREAM), size="320x240")
+    await wait_live(relay, STREAM)
+    browser = Chromium()
+    await browser.start()
+    async with aiohttp.ClientSession() as http:
+        try:
+            await browser.navigate(f"{relay.http}/?stream={STREAM}")
+
+            async def browser_viewing() -> bool:
+                return [w["viewers"] for w in await workers(http, relay)] == [1, 0]
+
+            await until(browser_viewing, "the page's WHEP session on worker 0")
+            viewers = await start_viewers(http, relay, 1)  # the other worker: fewer viewers
+            try:
+                await playing(viewers)
+                assert [w["viewers"] for w in await workers(http, relay)] == [1, 1]
+                await asyncio.sleep(5)
+                stats = await browser.evaluate(STATS_JS)
+            finally:
+                await close_all(viewers)
+        finally:
+            await browser.close()
+    assert stats is not None, f"player did not start: {browser.console}"
+    video, audio = track(stats, "video"), track(stats, "audio")
+    assert video["mimeType"] == "video/H264", video
+    assert video.get("framesDecoded", 0) >= 150, video
+    assert audio["mimeType"] == "audio/opus" and audio.get("packetsReceived", 0) > 0, audio
