@@ -210,6 +210,8 @@ async def _kill_and_recover(
                 return w["state"] == "ready" and w["restarts"] == 1 and w["pid"] != dead_pid
 
             await until(restarted, "worker 0 restarted")
+            deaths = (await get(http, relay, "/api/v1/workers"))["workers"]["deaths"]
+            assert deaths == {"exited": 1}
             # Its viewers are gone from the counts and on_stop told about them ...
             clients = await viewer_clients(http, relay)
             assert sorted(c["worker"] for c in clients) == [1, 1]
@@ -259,6 +261,8 @@ async def test_a_hung_worker_is_killed_and_restarted(
         finally:
             await close_all(viewers)
     assert "worker stopped answering; killing it" in [e.get("event") for e in relay.log_lines()]
+    async with aiohttp.ClientSession() as http:
+        assert (await get(http, relay, "/api/v1/workers"))["workers"]["deaths"] == {"hung": 1}
 
 
 def feed_socket(relay: RelayProcess, worker_pid: int) -> str:

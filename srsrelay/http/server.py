@@ -57,7 +57,7 @@ from srsrelay.limits import LimitHits
 from srsrelay.webrtc.sdp import CodecNotOffered, OfferError, candidate_priority
 from srsrelay.webrtc.server import RtcServer
 from srsrelay.webrtc.viewer import SessionState, ViewerSession
-from srsrelay.workers.pool import Forwarded, Worker, WorkerUnavailable
+from srsrelay.workers.pool import SESSION_HEADER, Forwarded, Worker, WorkerUnavailable
 
 if TYPE_CHECKING:
     from srsrelay.metrics import Metrics
@@ -89,8 +89,6 @@ RATE_LIMIT_TABLE_SIZE = 4096
 REFUSAL_LOG_INTERVAL = 1.0
 """Seconds between two log lines about rate-limited or unauthorized requests."""
 AUTH_REALM = "srsrelay"
-SESSION_HEADER = "X-Srsrelay-Session"
-"""How a worker process names the session a forwarded POST created."""
 
 
 class HttpError(Exception):
@@ -502,7 +500,10 @@ class HttpServer:
         _check_offer_text(offer)
         key = f"{app}/{name}"
         self._check_capacity(key)
-        worker = self._worker_or_503(pool.pick)
+        try:
+            worker = pool.pick()
+        except WorkerUnavailable as exc:
+            raise _unavailable(exc) from None
         answer = await self._forward(request, worker, offer.encode(), key)
         # 409, 406 and hook refusals are counted by the worker that answered.
         if answer.session is not None:
@@ -536,14 +537,7 @@ class HttpServer:
                 stream=stream,
             )
         except WorkerUnavailable as exc:
-            raise HttpError(503, f"{exc}; retry after 1 s", {"Retry-After": "1"}) from None
-
-    @staticmethod
-    def _worker_or_503(pick: Callable[[], Worker]) -> Worker:
-        try:
-            return pick()
-        except WorkerUnavailable as exc:
-            raise HttpError(503, f"{exc}; retry after 1 s", {"Retry-After": "1"}) from None
+            raise _unavailable(exc) from None
 
     async def _ask_on_play(self, session: ViewerSession, body: dict[str, str]) -> None:
         """The on_play hook decides about a created session: 403 closes it (no on_stop).
@@ -858,6 +852,11 @@ class HttpServer:
             return body.decode("utf-8")
         except UnicodeDecodeError:
             raise HttpError(400, f"body is not an {what}: it is not UTF-8 text") from None
+
+
+def _unavailable(exc: WorkerUnavailable) -> HttpError:
+    """503 for a request no worker process could take (they restart within seconds)."""
+    return HttpError(503, f"{exc}; retry after 1 s", {"Retry-After": "1"})
 
 
 def answer_response(answer: Forwarded) -> web.Response:

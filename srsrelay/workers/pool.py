@@ -144,6 +144,8 @@ class Worker:
     """Its open viewer sessions by id; at most rtc.max_viewers (the pool refuses more)."""
     pending: int = 0
     """Forwarded POSTs not answered yet (for spreading the load)."""
+    killed_for: str | None = None
+    """Why this process killed it ("hung", "protocol"), until its exit is seen."""
     skipping: set[int] = field(default_factory=set)
     """Stream ids whose frames it lost to FEED_BUFFER_LIMIT: it gets their next keyframe."""
     feed_dropped: int = 0
@@ -378,12 +380,14 @@ class WorkerPool:
         code = await process.wait()
         if self._stopping or self._starting:
             return  # start() reports a worker that dies while starting
-        self.deaths["exited"] += 1
+        how, worker.killed_for = worker.killed_for or "exited", None
+        self.deaths[how] += 1
         log.error(
             "worker died",
             worker=worker.index,
             pid=process.pid,
             code=code,
+            how=how,
             viewers=len(worker.viewers),
         )
         self._lose(worker, f"worker {worker.index} died (exit code {code})")
@@ -394,11 +398,18 @@ class WorkerPool:
             if lived >= STABLE_AFTER
             else min(RESTART_DELAY_MAX, RESTART_DELAY * 2 ** min(worker.restarts, 5))
         )
-        await asyncio.sleep(delay)
-        if self._stopping:
+        while True:
+            await asyncio.sleep(delay)
+            if self._stopping:
+                return
+            try:
+                await self._spawn(worker)
+            except OSError as exc:  # no process could be made (memory, process limits)
+                log.error("worker could not be started again", worker=worker.index, error=str(exc))
+                delay = RESTART_DELAY_MAX
+                continue
+            worker.restarts += 1
             return
-        worker.restarts += 1
-        await self._spawn(worker)
 
     async def _watch_heartbeats(self) -> None:
         last = self._clock()
@@ -418,7 +429,7 @@ class WorkerPool:
                     READY_TIMEOUT if worker.state is WorkerState.STARTING else (HEARTBEAT_TIMEOUT)
                 )
                 if now - worker.last_seen > timeout:
-                    self.deaths["hung"] += 1
+                    worker.killed_for = "hung"
                     log.error(
                         "worker stopped answering; killing it",
                         worker=worker.index,
@@ -520,7 +531,7 @@ class WorkerPool:
     def _kill_unlinked(self, worker: Worker, process: asyncio.subprocess.Process) -> None:
         if self._stopping or process.returncode is not None or worker.process is not process:
             return
-        self.deaths["protocol"] += 1
+        worker.killed_for = "protocol"
         log.error("worker link lost; killing it", worker=worker.index, pid=process.pid)
         with contextlib.suppress(ProcessLookupError):
             process.kill()  # _watch_exit accounts for its viewers and restarts it
