@@ -200,3 +200,91 @@ def test_worker_ports_must_fit_below_65536() -> None:
         "lower rtc.port"
     )
     validate(Config(daemon=DaemonConfig(workers="2"), rtc=rtc))  # 65534-65535 fit
+
+
+class Reader:
+    """A viewer stand-in on a stream copy."""
+
+    def __init__(self) -> None:
+        self.frames: list[RtpFrame] = []
+        self.ended = 0
+
+    def on_frame(self, f: RtpFrame) -> None:
+        self.frames.append(f)
+
+    def on_stream_end(self) -> None:
+        self.ended += 1
+
+
+def msg(kind: Msg, body: dict[str, Any]) -> wire.Message:
+    return wire.Reader().feed(wire.encode_json(kind, body))[0]
+
+
+def frame_msg(stream_id: int, f: RtpFrame) -> wire.Message:
+    return wire.Reader().feed(wire.encode_frame(stream_id, f))[0]
+
+
+def describe(stream_id: int, **fields: Any) -> wire.Message:
+    body = {
+        "id": stream_id,
+        "app": "live",
+        "name": "s",
+        "publisher_id": "pub-1",
+        "video_codec": "H264",
+        "video_fmtp": "",
+        "profile_level_id": "42e01f",
+        "has_video": True,
+        "has_audio": True,
+        "rendition_of": None,
+    }
+    return msg(Msg.STREAM, {**body, **fields})
+
+
+def test_a_worker_keeps_copies_of_the_streams_it_is_fed() -> None:
+    from srsrelay.workers.worker import WorkerRelay
+
+    relay = WorkerRelay(Config(), 0, "unused")
+    relay.apply(describe(1))
+    copy = relay.hub.find("live", "s")
+    assert (copy.video_codec, copy.profile_level_id, copy.has_audio) == ("H264", "42e01f", True)
+    reader = Reader()
+    copy.add_reader(reader)
+    relay.apply(frame_msg(1, frame(keyframe=True)))
+    relay.apply(frame_msg(1, frame(MediaKind.AUDIO)))
+    relay.apply(frame_msg(1, frame(ts=6000)))
+    relay.apply(frame_msg(9, frame()))  # a stream it does not know: ignored
+    assert [f.kind for f in reader.frames] == [MediaKind.VIDEO, MediaKind.AUDIO, MediaKind.VIDEO]
+    assert len(copy.gop.frames) == 2  # the GOP for new viewers, audio not cached
+    # A codec change: viewers renegotiate, and new ones get no frames of the old codec.
+    relay.apply(msg(Msg.DROP, {"id": 1, "reason": "video codec changed from H264 to AV1"}))
+    relay.apply(describe(1, video_codec="AV1", video_fmtp="profile=0", profile_level_id=None))
+    assert reader.ended == 1 and copy.readers == []
+    assert copy.gop.frames == [] and copy.video_codec == "AV1"
+    # Its H.264 rendition hangs off it, and ends alone.
+    relay.apply(describe(2, rendition_of=1))
+    assert copy.rendition is relay.streams[2]
+    relay.apply(msg(Msg.END, {"id": 2, "reason": "transcoder failed"}))
+    assert copy.rendition is None and not copy.ended
+    relay.apply(msg(Msg.END, {"id": 1, "reason": "publisher left"}))
+    assert copy.ended and relay.hub.streams() == [] and relay.streams == {}
+    relay.apply(msg(Msg.END, {"id": 1, "reason": "again"}))  # idempotent
+
+
+@pytest.mark.parametrize(
+    ("message", "error"),
+    [
+        (describe(3, rendition_of=7), "rendition of unknown stream 7"),
+        (msg(Msg.STREAM, {"id": "x"}), "id must be an integer, got 'x'"),
+        (msg(Msg.END, {}), "id must be an integer, got None"),
+        (msg(Msg.CONFIG, {"config": {"rtc": {"port": -1}}}), "configuration not valid: "),
+        (msg(Msg.CONFIG, {}), "the message carries no configuration"),
+        (msg(Msg.READY, {"rtc_port": 1}), "a worker does not take READY messages"),
+    ],
+)
+def test_a_worker_refuses_messages_that_make_no_sense(message: wire.Message, error: str) -> None:
+    from srsrelay.workers.worker import WorkerRelay
+
+    relay = WorkerRelay(Config(), 0, "unused")
+    with pytest.raises(wire.WireError) as exc:
+        relay.apply(message)
+    assert str(exc.value).startswith(error)
