@@ -635,58 +635,40 @@ def start_bench_relay(tmp: Path, max_viewers: int, workers: int = 1) -> RelayPro
 
 
 @contextlib.asynccontextmanager
-async def srsrelay_server(kbit: int, max_viewers: int) -> AsyncIterator[Server]:
-    with tempfile.TemporaryDirectory(prefix="srsrelay-viewers-") as tmp:
-        relay = await asyncio.to_thread(start_bench_relay, Path(tmp), max_viewers)
-        pin(relay.proc.pid, RELAY_CPU)
-        publisher = await asyncio.create_subprocess_exec(
-            *ffmpeg_publish_args(relay.rtmp_url("live/test"), "1280x720", video_args(kbit)),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            preexec_fn=on_other_cpu(),
-        )
-        try:
-            await wait_live(relay, "live/test")
-            yield Server(
-                "srsrelay",
-                relay.proc.pid,
-                f"{relay.http}/whep/live/test",
-                f"{relay.http}/api/v1/rtc",
-            )
-        finally:
-            await _terminate(publisher)
-            await asyncio.to_thread(_stop_relay, relay)
-
-
-@contextlib.asynccontextmanager
-async def workers_server(kbit: int, max_viewers: int, workers: int) -> AsyncIterator[Server]:
-    """srsrelay with `workers` worker processes. Each worker is pinned to worker_cpu(index)
-    (server_pids); the relay, the publisher and the viewers run on any CPU."""
-    with tempfile.TemporaryDirectory(prefix="srsrelay-workers-") as tmp:
+async def srsrelay_server(kbit: int, max_viewers: int, workers: int = 1) -> AsyncIterator[Server]:
+    """srsrelay and its publisher. One process (`workers` 1): pinned to RELAY_CPU, the
+    publisher to OTHER_CPU. With worker processes: each worker pinned to
+    worker_cpu(index) (server_pids); the relay, the publisher and the viewers on any CPU."""
+    pooled = workers > 1
+    prefix = "srsrelay-workers-" if pooled else "srsrelay-viewers-"
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         relay = await asyncio.to_thread(start_bench_relay, Path(tmp), max_viewers, workers)
-        unpin(relay.proc.pid)
+        if pooled:
+            unpin(relay.proc.pid)
+        else:
+            pin(relay.proc.pid, RELAY_CPU)
         publisher = await asyncio.create_subprocess_exec(
             *ffmpeg_publish_args(relay.rtmp_url("live/test"), "1280x720", video_args(kbit)),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=on_any_cpu(),
+            preexec_fn=on_any_cpu() if pooled else on_other_cpu(),
         )
         try:
             await wait_live(relay, "live/test")
             server = Server(
-                "workers",
+                "workers" if pooled else "srsrelay",
                 relay.proc.pid,
                 f"{relay.http}/whep/live/test",
                 f"{relay.http}/api/v1/rtc",
-                f"{relay.http}/api/v1/workers",
+                f"{relay.http}/api/v1/workers" if pooled else None,
             )
-            running = len(await server_pids(server)) - 1
-            if running != workers:
-                raise RuntimeError(
-                    f"{running} of {workers} worker processes run (see {relay.log_path})"
-                )
+            if pooled:
+                running = len(await server_pids(server)) - 1
+                if running != workers:
+                    raise RuntimeError(
+                        f"{running} of {workers} worker processes run (see {relay.log_path})"
+                    )
             yield server
         finally:
             await _terminate(publisher)
@@ -830,7 +812,7 @@ async def run_system(
     if system == "srsrelay":
         factory = srsrelay_server(kbit, max(steps))
     elif system == "workers":
-        factory = workers_server(kbit, max(steps), args.workers)
+        factory = srsrelay_server(kbit, max(steps), args.workers)
     else:
         factory = aiortc_server(kbit)
     results = []
