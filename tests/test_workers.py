@@ -40,6 +40,16 @@ def workers_relay(tmp_path: Path) -> Iterator[RelayProcess]:
     assert code == 0, f"relay exited {code}: {relay.log_path.read_text()[-4000:]}"
 
 
+@pytest.fixture
+async def live_relay(
+    workers_relay: RelayProcess, publish: Callable[..., Publisher]
+) -> RelayProcess:
+    """The relay with two workers, and STREAM published to it and live."""
+    publish(workers_relay.rtmp_url(STREAM), size="320x240")
+    await wait_live(workers_relay, STREAM)
+    return workers_relay
+
+
 async def get(http: aiohttp.ClientSession, relay: RelayProcess, path: str) -> dict[str, Any]:
     async with http.get(relay.http + path) as resp:
         assert resp.status == 200, await resp.text()
@@ -117,11 +127,9 @@ async def close_all(viewers: list[WhepViewer]) -> None:
 
 
 async def test_viewers_on_both_workers_play_and_the_api_counts_them(
-    workers_relay: RelayProcess, publish: Callable[..., Publisher]
+    live_relay: RelayProcess,
 ) -> None:
-    relay = workers_relay
-    publish(relay.rtmp_url(STREAM), size="320x240")
-    await wait_live(relay, STREAM)
+    relay = live_relay
     async with aiohttp.ClientSession() as http:
         viewers = await start_viewers(http, relay, 4)
         try:
@@ -237,11 +245,9 @@ async def _kill_and_recover(
 
 
 async def test_a_hung_worker_is_killed_and_restarted(
-    workers_relay: RelayProcess, publish: Callable[..., Publisher]
+    live_relay: RelayProcess,
 ) -> None:
-    relay = workers_relay
-    publish(relay.rtmp_url(STREAM), size="320x240")
-    await wait_live(relay, STREAM)
+    relay = live_relay
     async with aiohttp.ClientSession() as http:
         hung = (await workers(http, relay))[1]
         os.kill(hung["pid"], signal.SIGSTOP)
@@ -271,11 +277,9 @@ def feed_socket(relay: RelayProcess, worker_pid: int) -> str:
 
 
 async def test_strangers_on_the_feed_socket_are_refused(
-    workers_relay: RelayProcess, publish: Callable[..., Publisher]
+    live_relay: RelayProcess,
 ) -> None:
-    relay = workers_relay
-    publish(relay.rtmp_url(STREAM), size="320x240")
-    await wait_live(relay, STREAM)
+    relay = live_relay
     async with aiohttp.ClientSession() as http:
         procs = await workers(http, relay)
         path = feed_socket(relay, procs[0]["pid"])
@@ -304,13 +308,9 @@ async def test_strangers_on_the_feed_socket_are_refused(
     assert len(errors) == 3
 
 
-async def test_a_reload_reaches_the_workers(
-    workers_relay: RelayProcess, publish: Callable[..., Publisher]
-) -> None:
+async def test_a_reload_reaches_the_workers(live_relay: RelayProcess) -> None:
     # Workers check WHEP tokens again: with the old tokens they would refuse the new one.
-    relay = workers_relay
-    publish(relay.rtmp_url(STREAM), size="320x240")
-    await wait_live(relay, STREAM)
+    relay = live_relay
     text = relay.config_path.read_text()
     for token in ("old", "new"):
         relay.config_path.write_text(
@@ -368,14 +368,12 @@ def test_a_worker_that_cannot_start_stops_the_relay_with_a_clear_error(tmp_path:
 
 
 async def test_chromium_plays_from_a_worker_next_to_an_aiortc_viewer_on_the_other(
-    workers_relay: RelayProcess, publish: Callable[..., Publisher]
+    live_relay: RelayProcess,
 ) -> None:
     from tests.chromium import Chromium
     from tests.test_browser import STATS_JS, track
 
-    relay = workers_relay
-    publish(relay.rtmp_url(STREAM), size="320x240")
-    await wait_live(relay, STREAM)
+    relay = live_relay
     browser = Chromium()
     await browser.start()
     async with aiohttp.ClientSession() as http:
