@@ -364,34 +364,38 @@ class Stream:
             return
         old, self.video_codec = self.video_codec, codec
         if self.has_video:
-            self._drop_readers(f"video codec changed from {old} to {codec}")
+            self.drop_readers(f"video codec changed from {old} to {codec}")
+        else:
+            self.gop = GopCache(generation=self.gop.generation + 1)
         self._stop_video_transcoder()
         self.avc_config = self.hevc_config = self.av1_config = None
         self.profile_level_id = None
         self.video_fmtp = ""
-        self.gop = GopCache(generation=self.gop.generation + 1)
         self._await_keyframe = True
 
-    def _drop_readers(self, reason: str) -> None:
-        """End every reader's session (they renegotiate when they come back)."""
+    def drop_readers(self, reason: str) -> None:
+        """End every reader's session (they renegotiate when they come back, in the new
+        codec): the cached GOP is of the old one, so new readers start at the next
+        keyframe."""
         log.info(
             "stream readers dropped", stream=self.key, readers=len(self.readers), reason=reason
         )
-        readers, self.readers = self.readers, []
         if self.rendition is not None:
             self.rendition.end(reason)
             self.rendition = None
+        self._end_readers()
+        self.gop = GopCache(generation=self.gop.generation + 1)
+        if self.tap is not None:
+            self.tap.on_drop(self, reason)
+
+    def _end_readers(self) -> None:
+        """Detach every reader and tell it the stream ended for it."""
+        readers, self.readers = self.readers, []
         for reader in readers:
             try:
                 reader.on_stream_end()
             except Exception:
                 log.exception("reader failed on stream end", stream=self.key)
-        if self.tap is not None:
-            self.tap.on_drop(self, reason)
-
-    def drop_readers(self, reason: str) -> None:
-        """End every reader's session now: they renegotiate (a mirrored codec change)."""
-        self._drop_readers(reason)
 
     def relay_frame(self, frame: RtpFrame) -> None:
         """A frame made by another process's copy of this stream: cache it (video) and
@@ -903,12 +907,7 @@ class Stream:
             return
         self.ended = True
         self._set_state(PublishState.ENDED, reason=reason)
-        readers, self.readers = self.readers, []
-        for reader in readers:
-            try:
-                reader.on_stream_end()
-            except Exception:
-                log.exception("reader failed on stream end", stream=self.key)
+        self._end_readers()
         if self.tap is not None:
             self.tap.on_end(self, reason)
         self._close_transcoder()

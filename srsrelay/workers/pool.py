@@ -26,7 +26,7 @@ import struct
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -757,7 +757,3 @@ class WorkerPool:
             "viewers_lost": self.viewers_lost,
             "workers": [w.snapshot() for w in self.workers],
         }
-
-    def streams(self) -> Iterator[tuple[int, Stream]]:
-        """(wire id, stream) of the streams the workers know of."""
-        return iter(list(self._streams.items()))

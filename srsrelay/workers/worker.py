@@ -26,7 +26,7 @@ from srsrelay.config import Config, ConfigError, config_from_dict
 from srsrelay.hooks import HookClient
 from srsrelay.http.server import HttpServer
 from srsrelay.hub.registry import Hub
-from srsrelay.hub.stream import GopCache, Stream
+from srsrelay.hub.stream import Stream
 from srsrelay.log import configure_logging
 from srsrelay.metrics import Metrics
 from srsrelay.rtmp.server import RtmpServer
@@ -143,8 +143,6 @@ class WorkerRelay:
             stream = self.streams.get(_int(body, "id"))
             if stream is not None:
                 stream.drop_readers(str(body.get("reason", "")))
-                # The new codec starts at its keyframe: no old frames for new viewers.
-                stream.gop = GopCache(generation=stream.gop.generation + 1)
         elif kind is Msg.CONFIG:
             self.reload(_config(body))
         else:
